@@ -1,0 +1,1 @@
+"""Compute kernels: attention over the paged KV cache, norms, rotary, activations."""
