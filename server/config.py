@@ -1,18 +1,41 @@
-"""Frozen configuration, validated once at the edge; each part receives only its own slice."""
+"""Frozen configuration, validated once at the edge; each part receives only its own slice.
+
+`EngineArgs` holds every engine flag of `pagedserve serve` (snake_case, named like vLLM's) and is
+what `LLM(model, **engine_args)` accepts. `EngineArgs.validate()` is the one place that checks them.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+
+from server.errors import ConfigError
+
+DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str  # Hub id or local directory, as given
+    path: str  # the resolved local directory
+    dtype: str
+    max_model_len: int
+    served_model_names: tuple[str, ...]
+    revision: str | None = None
+    tokenizer: str | None = None
+    chat_template: str | None = None  # a file path overriding the tokenizer's template
+    seed: int = 0
+    enforce_eager: bool = False
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
-    num_blocks: int = 0  # resolved by the runner from the memory budget
     enable_prefix_caching: bool = True
-    kv_cache_memory: float | None = None  # GiB; CPU default sizing
+    kv_cache_memory: float | None = None  # GiB; CPU sizing
     gpu_memory_utilization: float = 0.9
-    cache_dtype: str = "auto"
+    num_blocks_override: int | None = None
 
 
 @dataclass(frozen=True)
@@ -21,3 +44,104 @@ class SchedulerConfig:
     max_num_seqs: int = 128  # running sequences at most
     max_model_len: int = 2048  # prompt + output tokens at most
     max_queued_requests: int | None = None  # waiting requests at most; None: unbounded
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None  # None: the built-in demo model
+    revision: str | None = None
+    download_dir: str | None = None
+    tokenizer: str | None = None
+    chat_template: str | None = None
+    served_model_name: list[str] | str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    enforce_eager: bool = False
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    kv_cache_memory: float | None = None
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int = 128
+    max_queued_requests: int | None = None
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_kwargs(cls, model: str | None = None, **kwargs) -> EngineArgs:
+        unknown = set(kwargs) - cls.field_names()
+        if unknown:
+            raise ConfigError(
+                f"Unknown engine argument(s): {', '.join(sorted(unknown))}. "
+                f"Known: {', '.join(sorted(cls.field_names()))}."
+            )
+        args = cls(model=model, **kwargs)
+        args.validate()
+        return args
+
+    def validate(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        need(self.dtype in DTYPES, f"Unknown --dtype {self.dtype!r}. Choose one of: auto, bfloat16, float16, float32.")
+        need(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), f"--block-size must be a power of two up to 128, got {self.block_size}.")
+        need(self.max_num_seqs >= 1, f"--max-num-seqs must be at least 1, got {self.max_num_seqs}.")
+        need(self.max_model_len is None or self.max_model_len >= 1, f"--max-model-len must be positive, got {self.max_model_len}.")
+        need(
+            self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
+            f"--max-num-batched-tokens must be positive, got {self.max_num_batched_tokens}.",
+        )
+        need(self.kv_cache_memory is None or self.kv_cache_memory > 0, f"--kv-cache-memory must be > 0 GiB, got {self.kv_cache_memory}.")
+        need(0 < self.gpu_memory_utilization <= 1, f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
+        need(self.max_queued_requests is None or self.max_queued_requests >= 0, "--max-queued-requests must be >= 0.")
+        need(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}.")
+
+    def served_names(self, model: str) -> tuple[str, ...]:
+        names = self.served_model_name
+        if not names:
+            return (model,)
+        return (names,) if isinstance(names, str) else tuple(names)
+
+    def model_config(self, model: str, path: str, max_position_embeddings: int, device: str) -> ModelConfig:
+        max_len = self.max_model_len or max_position_embeddings
+        if max_len > max_position_embeddings:
+            raise ConfigError(
+                f"--max-model-len {max_len} exceeds the model's max_position_embeddings ({max_position_embeddings})."
+            )
+        return ModelConfig(
+            model=model,
+            path=path,
+            dtype=self.dtype,
+            max_model_len=max_len,
+            served_model_names=self.served_names(model),
+            revision=self.revision,
+            tokenizer=self.tokenizer,
+            chat_template=self.chat_template,
+            seed=self.seed,
+            enforce_eager=self.enforce_eager,
+            device=device,
+        )
+
+    def cache_config(self) -> CacheConfig:
+        return CacheConfig(
+            block_size=self.block_size,
+            enable_prefix_caching=self.enable_prefix_caching,
+            kv_cache_memory=self.kv_cache_memory,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            num_blocks_override=self.num_gpu_blocks_override,
+        )
+
+    def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
+        budget = self.max_num_batched_tokens or max(2048, min(max_model_len, 8192))
+        return SchedulerConfig(
+            max_num_batched_tokens=budget,
+            max_num_seqs=self.max_num_seqs,
+            max_model_len=max_model_len,
+            max_queued_requests=self.max_queued_requests,
+        )

@@ -1,0 +1,162 @@
+"""EngineClient: the API's only handle on the engine. The core loop runs on its own thread; requests go
+in through an inbox of typed messages and deltas come back on per-request asyncio queues."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+from server.engine.core import EngineCore, StepStats
+from server.engine.messages import AbortRequest, GenerateRequest, RequestOutput
+from server.errors import EngineDead, PagedServeError
+from server.request import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 0.05
+_HUNG_AFTER_S = 120.0  # a step that takes longer than this marks the engine as hung
+
+
+class EngineClient:
+    def __init__(self, core: EngineCore, on_step: Callable[[StepStats, list[RequestOutput]], None] | None = None):
+        self.core = core
+        self._on_step = on_step
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._heartbeat = time.monotonic()
+        self.dead_reason: str | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="engine-core", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def is_alive(self) -> bool:
+        """The loop thread runs and is not stuck inside one step."""
+        if self.dead_reason is not None or self._thread is None or not self._thread.is_alive():
+            return False
+        return time.monotonic() - self._heartbeat < _HUNG_AFTER_S
+
+    @property
+    def num_waiting(self) -> int:
+        return self.core.scheduler.num_waiting
+
+    @property
+    def num_running(self) -> int:
+        return self.core.scheduler.num_running
+
+    # ---- requests -------------------------------------------------------------------------
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream the deltas of every choice of one request. Leaving early aborts the request."""
+        if not self.is_alive:
+            raise EngineDead(f"The engine is not running: {self.dead_reason or 'stopped'}.")
+        request_id = request_id or uuid.uuid4().hex
+        deltas: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            self._queues[request_id] = (asyncio.get_running_loop(), deltas)
+        self._inbox.put(GenerateRequest(request_id, list(prompt_token_ids), params, time.monotonic()))
+        open_choices = set(range(params.n))
+        try:
+            while open_choices:
+                out: RequestOutput = await deltas.get()
+                if out.error is not None:
+                    raise out.error
+                if out.finished:
+                    open_choices.discard(out.index)
+                yield out
+        finally:
+            with self._lock:
+                self._queues.pop(request_id, None)
+            if open_choices:
+                self._inbox.put(AbortRequest(request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(AbortRequest(request_id))
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._heartbeat = time.monotonic()
+                self._drain_inbox(block=not self.core.has_unfinished())
+                if not self.core.has_unfinished():
+                    continue
+                outputs, stats = self.core.step()
+                self._deliver(outputs)
+                if self._on_step is not None:
+                    self._on_step(stats, outputs)
+        except Exception as exc:  # the loop must never die silently
+            logger.exception("The engine loop died")
+            self.dead_reason = f"{type(exc).__name__}: {exc}"
+            self._fail_all(EngineDead(f"The engine failed: {self.dead_reason}"))
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            message = self._inbox.get(timeout=_IDLE_WAIT_S) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(message)
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, message: GenerateRequest | AbortRequest) -> None:
+        if isinstance(message, AbortRequest):
+            self.core.abort(message.request_id)
+            return
+        with self._lock:
+            waiting = message.request_id in self._queues
+        if not waiting:  # the caller left before the engine saw the request
+            return
+        try:
+            self.core.add_request(message)
+        except PagedServeError as exc:
+            self._deliver([_error_output(message.request_id, exc)])
+        except Exception as exc:
+            logger.exception("Could not admit request %s", message.request_id)
+            self._deliver([_error_output(message.request_id, PagedServeError(f"Could not admit the request: {exc}"))])
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        with self._lock:
+            for out in outputs:
+                target = self._queues.get(out.request_id)
+                if target is None:
+                    if not out.finished:  # nobody listens any more: stop the work
+                        self.core.abort(out.request_id)
+                    continue
+                loop, deltas = target
+                loop.call_soon_threadsafe(deltas.put_nowait, out)
+
+    def _fail_all(self, error: PagedServeError) -> None:
+        with self._lock:
+            targets = list(self._queues.items())
+        for request_id, (loop, deltas) in targets:
+            loop.call_soon_threadsafe(deltas.put_nowait, _error_output(request_id, error))
+
+
+def _error_output(request_id: str, error: PagedServeError) -> RequestOutput:
+    return RequestOutput(
+        request_id=request_id, index=0, token_ids=[], text="", logprobs=None, finish_reason=None,
+        stop_reason=None, num_prompt_tokens=0, num_cached_tokens=0, num_output_tokens=0, error=error,
+    )

@@ -1,0 +1,210 @@
+"""The engine core: admits requests, runs schedule -> execute -> update, and emits typed deltas."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from server.config import EngineArgs
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.messages import GenerateRequest, RequestOutput
+from server.engine.tokenizer import eos_token_ids, load_generation_config, load_tokenizer, sampling_defaults
+from server.errors import InvalidRequest
+from server.request import Request, RequestStatus, SamplingParams, TokenLogprob
+from server.runner import loader
+from server.runner.model_runner import ModelRunner
+from server.scheduler.kv_blocks import BlockPool
+from server.scheduler.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Choice:
+    """Engine-side state of one choice (one scheduled sequence) of a request."""
+
+    request: Request
+    parent_id: str
+    index: int
+    detok: IncrementalDetokenizer
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
+    first_token_time: float | None = None
+
+
+@dataclass
+class StepStats:
+    """What one step did, for metrics and logs."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    num_batched_tokens: int = 0
+    num_prompt_tokens: int = 0  # tokens run for prefill (not decode) this step
+    num_generated_tokens: int = 0
+    num_preempted: int = 0
+    step_seconds: float = 0.0
+
+
+class EngineCore:
+    def __init__(self, args: EngineArgs):
+        args.validate()
+        started = time.perf_counter()
+        if args.model is None:
+            from server.demo import ensure_demo_model
+
+            model = str(ensure_demo_model())
+        else:
+            model = args.model
+        path = str(loader.resolve_model_path(model, revision=args.revision, download_dir=args.download_dir))
+        self.download_seconds = time.perf_counter() - started
+        hf_config = loader.load_hf_config(path)
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        max_pos = getattr(hf_config, "max_position_embeddings", None) or 2048
+        self.model_config = args.model_config(model, path, max_pos, device)
+        self.cache_config = args.cache_config()
+        self.scheduler_config = args.scheduler_config(self.model_config.max_model_len)
+        self.tokenizer = load_tokenizer(args.tokenizer or path, args.chat_template)
+        generation_config = load_generation_config(path)
+        self.eos_token_ids = eos_token_ids(generation_config, hf_config, self.tokenizer)
+        self.sampling_defaults = sampling_defaults(generation_config)
+        self.hf_config = hf_config
+
+        self.runner = ModelRunner(self.model_config, self.cache_config, self.scheduler_config, hf_config)
+        self.block_pool = BlockPool(self.runner.num_blocks, self.cache_config.block_size, self.cache_config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.scheduler_config, self.block_pool)
+        self._choices: dict[str, _Choice] = {}  # scheduler request id -> choice
+        self._children: dict[str, list[str]] = {}  # parent id -> scheduler request ids
+        self._backend_tokenizer = getattr(self.tokenizer, "backend_tokenizer", None) or self.tokenizer._tokenizer
+        self.startup_seconds = time.perf_counter() - started
+        logger.info("Engine ready: %s on %s in %.1f s", model, device, self.startup_seconds)
+
+    # ---- admission ------------------------------------------------------------------------
+
+    def add_request(self, req: GenerateRequest) -> None:
+        """Admit a request (all n choices) or raise the error that refuses it; nothing is half-added."""
+        if req.request_id in self._children:
+            raise InvalidRequest(f"Request id {req.request_id!r} is already in use.")
+        if not req.prompt_token_ids:
+            raise InvalidRequest("The prompt is empty: give at least one token.", param="prompt")
+        vocab = self.hf_config.vocab_size
+        bad = next((t for t in req.prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"Token id {bad} is out of range for a vocabulary of {vocab} tokens.", param="prompt")
+        params = req.params
+        added: list[str] = []
+        try:
+            for index in range(params.n):
+                child_params = params
+                if params.n > 1 and params.seed is not None:
+                    child_params = _with_seed(params, params.seed + index)
+                child_id = req.request_id if params.n == 1 else f"{req.request_id}#{index}"
+                request = Request(child_id, req.prompt_token_ids, child_params, self.eos_token_ids, req.arrival_time)
+                self.scheduler.add_request(request)
+                added.append(child_id)
+                detok = IncrementalDetokenizer(
+                    self._backend_tokenizer,
+                    req.prompt_token_ids,
+                    params.stop,
+                    params.include_stop_str_in_output,
+                    params.skip_special_tokens,
+                )
+                self._choices[child_id] = _Choice(request, req.request_id, index, detok)
+        except Exception:
+            for child_id in added:
+                self.scheduler.finish(child_id, RequestStatus.FINISHED_ABORTED)
+                self._choices.pop(child_id, None)
+            raise
+        self._children[req.request_id] = added
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (all its choices) and free its KV blocks now."""
+        for child_id in self._children.pop(request_id, []):
+            self.scheduler.finish(child_id, RequestStatus.FINISHED_ABORTED)
+            self._choices.pop(child_id, None)
+            self.runner.release(child_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step -------------------------------------------------------------------------
+
+    def step(self) -> tuple[list[RequestOutput], StepStats]:
+        started = time.perf_counter()
+        batch = self.scheduler.schedule()
+        for preempted in batch.preempted:
+            choice = self._choices.get(preempted.request_id)
+            if choice is not None and not choice.prompt_logprobs_sent:
+                choice.prompt_logprobs.clear()
+        stats = StepStats(num_preempted=len(batch.preempted))
+        outputs: list[RequestOutput] = []
+        if not batch.empty:
+            result = self.runner.execute(batch)
+            for seq in batch.seqs:
+                if seq.start < seq.request.num_prompt_tokens:
+                    stats.num_prompt_tokens += min(seq.end, seq.request.num_prompt_tokens) - seq.start
+            self.scheduler.update(batch, result.sampled)
+            for seq in batch.seqs:
+                choice = self._choices.get(seq.request.request_id)
+                if choice is None:
+                    continue
+                if seq.request.request_id in result.prompt_logprobs:
+                    choice.prompt_logprobs.extend(result.prompt_logprobs[seq.request.request_id])
+                if seq.samples:
+                    stats.num_generated_tokens += 1
+                    outputs.append(self._emit(choice, result.sampled[seq.request.request_id], result.logprobs.get(seq.request.request_id)))
+        stats.num_batched_tokens = batch.num_batched_tokens
+        stats.num_running = self.scheduler.num_running
+        stats.num_waiting = self.scheduler.num_waiting
+        stats.kv_usage = self.block_pool.usage
+        stats.step_seconds = time.perf_counter() - started
+        return outputs, stats
+
+    def _emit(self, choice: _Choice, token: int, logprob: TokenLogprob | None) -> RequestOutput:
+        request = choice.request
+        if choice.first_token_time is None:
+            choice.first_token_time = time.monotonic()
+        ended_by_token = request.status is RequestStatus.FINISHED_STOPPED
+        if ended_by_token and not request.params.include_stop_str_in_output:
+            text = choice.detok.flush()  # EOS or a stop token id: not part of the text
+        else:
+            text = choice.detok.step(token)
+        if choice.detok.stopped_by is not None and not request.status.finished:
+            self.scheduler.finish(request.request_id, RequestStatus.FINISHED_STOPPED)
+            request.stop_reason = choice.detok.stopped_by
+        elif request.status.finished and choice.detok.stopped_by is None:
+            text += choice.detok.flush()
+        out = RequestOutput(
+            request_id=choice.parent_id,
+            index=choice.index,
+            token_ids=[token],
+            text=text,
+            logprobs=[logprob] if logprob is not None else None,
+            finish_reason=request.finish_reason,
+            stop_reason=request.stop_reason,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=request.num_cached_tokens,
+            num_output_tokens=request.num_output_tokens,
+        )
+        if request.params.prompt_logprobs is not None and not choice.prompt_logprobs_sent:
+            out.prompt_logprobs = [None, *choice.prompt_logprobs]
+            choice.prompt_logprobs_sent = True
+        if request.status.finished:
+            self._forget(choice)
+        return out
+
+    def _forget(self, choice: _Choice) -> None:
+        request_id = choice.request.request_id
+        self._choices.pop(request_id, None)
+        self.runner.release(request_id)
+        siblings = self._children.get(choice.parent_id)
+        if siblings is not None and all(c not in self._choices for c in siblings):
+            del self._children[choice.parent_id]
+
+
+def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    return dataclasses.replace(params, seed=seed)

@@ -1,0 +1,77 @@
+"""Incremental, UTF-8-safe detokenization with stop strings held back until they resolve."""
+
+from __future__ import annotations
+
+from tokenizers.decoders import DecodeStream
+
+_PRIME_TOKENS = 6  # prompt tokens fed first, so the first output token decodes with its real spacing
+
+
+class IncrementalDetokenizer:
+    """Turns one choice's token stream into text deltas and finds its stop strings.
+
+    `step(token_id)` returns the text that is now safe to send. A suffix that could still grow into a
+    stop string is held back; when a stop string completes, `stopped_by` is set and the text ends
+    before it (or after it with `include_stop_str_in_output`).
+    """
+
+    def __init__(self, backend_tokenizer, prompt_token_ids: list[int], stop: list[str], include_stop: bool, skip_special_tokens: bool):
+        self._tokenizer = backend_tokenizer
+        prime = prompt_token_ids[-_PRIME_TOKENS:]
+        self._stream = DecodeStream(ids=prime or None, skip_special_tokens=skip_special_tokens)
+        self._stop = stop
+        self._include_stop = include_stop
+        self._max_stop_len = max((len(s) for s in stop), default=0)
+        self.text = ""  # all decoded text, including any held-back tail
+        self.sent = 0  # characters of `text` already released
+        self.stopped_by: str | None = None
+
+    def step(self, token_id: int) -> str:
+        piece = self._stream.step(self._tokenizer, token_id) or ""
+        if self.stopped_by is not None:
+            return ""
+        before = len(self.text)
+        self.text += piece
+        if self._stop and piece:
+            cut = self._find_stop(before)
+            if cut is not None:
+                return self._release(cut)
+        return self._release(len(self.text) - self._held_back())
+
+    def flush(self) -> str:
+        """Release whatever is held back (the choice ended for another reason)."""
+        if self.stopped_by is not None:
+            return ""
+        return self._release(len(self.text))
+
+    def _find_stop(self, before: int) -> int | None:
+        start = max(0, before - self._max_stop_len + 1)
+        best: tuple[int, str] | None = None
+        for s in self._stop:
+            at = self.text.find(s, start)
+            if at != -1 and (best is None or at < best[0]):
+                best = (at, s)
+        if best is None:
+            return None
+        at, s = best
+        self.stopped_by = s
+        end = at + len(s) if self._include_stop else at
+        self.text = self.text[:end]
+        return end
+
+    def _held_back(self) -> int:
+        """Length of the longest suffix of the unsent text that begins some stop string."""
+        longest = 0
+        tail = self.text[self.sent :]
+        for s in self._stop:
+            for n in range(min(len(s) - 1, len(tail)), longest, -1):
+                if tail.endswith(s[:n]):
+                    longest = n
+                    break
+        return longest
+
+    def _release(self, upto: int) -> str:
+        upto = max(upto, self.sent)
+        delta = self.text[self.sent : upto]
+        self.sent = upto
+        return delta

@@ -1,0 +1,246 @@
+"""Loads the model, sizes and owns the paged KV cache, and runs one scheduled step on the device."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kernels.metadata import AttentionMetadata
+from kernels.ops import get_ops
+from server.config import CacheConfig, ModelConfig, SchedulerConfig
+from server.errors import ConfigError
+from server.request import Request, TokenLogprob
+from server.runner import loader
+from server.runner.models.registry import get_model_class, kv_cache_shape_info
+from server.runner.sampler import build_sampling_batch, gather_logprobs, sample
+from server.scheduler.output import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+_GiB = 1 << 30
+_DEFAULT_CPU_KV_GIB = 4.0
+
+
+@dataclass
+class RunnerOutput:
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
+    # request id -> logprobs of prompt tokens start+1 .. covered by this step (None for token 0)
+    prompt_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
+
+
+@dataclass
+class StartupTimes:
+    load_weights_s: float = 0.0
+    kv_cache_s: float = 0.0
+    warmup_s: float = 0.0
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, scheduler_config: SchedulerConfig, hf_config):
+        self.model_config = model_config
+        self.cache_config = cache_config
+        self.scheduler_config = scheduler_config
+        self.hf_config = hf_config
+        self.device = torch.device(model_config.device)
+        self.dtype = loader.resolve_dtype(model_config.dtype, hf_config, self.device)
+        self.block_size = cache_config.block_size
+        self.times = StartupTimes()
+
+        started = time.perf_counter()
+        model_class = get_model_class(hf_config)
+        previous_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with self.device:
+                self.model = model_class(hf_config, get_ops(self.device))
+        finally:
+            torch.set_default_dtype(previous_dtype)
+        loader.load_weights(self.model, model_config.path, self.dtype)
+        self.model.eval()
+        self.vocab_size = hf_config.vocab_size
+        self.times.load_weights_s = time.perf_counter() - started
+
+        started = time.perf_counter()
+        self.num_blocks = self._size_kv_cache()
+        self.kv_caches = self._allocate_kv_cache(self.num_blocks)
+        self.times.kv_cache_s = time.perf_counter() - started
+
+        self.generator = torch.Generator(device=self.device).manual_seed(model_config.seed)
+        self.request_generators: dict[str, torch.Generator] = {}
+
+    # ---- KV cache -------------------------------------------------------------------------
+
+    def _bytes_per_block(self) -> int:
+        num_layers, num_kv_heads, head_dim = kv_cache_shape_info(self.hf_config)
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * num_layers * self.block_size * num_kv_heads * head_dim * element
+
+    def _size_kv_cache(self) -> int:
+        per_block = self._bytes_per_block()
+        if self.cache_config.num_blocks_override:
+            num_blocks = self.cache_config.num_blocks_override
+        elif self.device.type == "cuda":
+            num_blocks = self._profile_gpu_blocks(per_block)
+        else:
+            if self.cache_config.kv_cache_memory is not None:
+                budget = self.cache_config.kv_cache_memory * _GiB
+            else:  # enough for every sequence at full length, within a default ceiling
+                tokens = self.scheduler_config.max_num_seqs * self.scheduler_config.max_model_len
+                budget = min(_DEFAULT_CPU_KV_GIB * _GiB, -(-tokens // self.block_size) * per_block)
+            num_blocks = int(budget // per_block)
+        needed = -(-self.scheduler_config.max_model_len // self.block_size)
+        if num_blocks < 1:
+            raise ConfigError(
+                f"The KV cache budget holds no block of {per_block / 2**20:.2f} MiB; raise --kv-cache-memory "
+                f"or --gpu-memory-utilization."
+            )
+        if num_blocks < needed:
+            logger.warning(
+                "The KV cache holds %d tokens, fewer than --max-model-len %d; longer requests will be refused.",
+                num_blocks * self.block_size,
+                self.scheduler_config.max_model_len,
+            )
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size, num_blocks * per_block / _GiB)
+        return num_blocks
+
+    def _profile_gpu_blocks(self, per_block: int) -> int:
+        """Run a peak-sized forward pass, then give the KV cache what the memory budget leaves."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        num_tokens = min(self.scheduler_config.max_num_batched_tokens, self.scheduler_config.max_model_len)
+        num_dummy_blocks = -(-num_tokens // self.block_size)
+        dummy_caches = self._allocate_kv_cache(num_dummy_blocks)
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(num_tokens, dtype=torch.long, device=self.device),
+            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
+            block_tables=torch.arange(num_dummy_blocks, dtype=torch.int32, device=self.device).unsqueeze(0),
+            query_lens_cpu=[num_tokens],
+            seq_lens_cpu=[num_tokens],
+            block_size=self.block_size,
+        )
+        with torch.inference_mode():
+            hidden = self.model(ids, torch.arange(num_tokens, device=self.device), dummy_caches, meta)
+            self.model.compute_logits(hidden[-self.scheduler_config.max_num_seqs :])
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del dummy_caches, hidden
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        free_budget = total * self.cache_config.gpu_memory_utilization - peak
+        if free_budget < per_block:
+            raise ConfigError(
+                f"The model needs {peak / _GiB:.2f} GiB at peak; --gpu-memory-utilization "
+                f"{self.cache_config.gpu_memory_utilization} of {total / _GiB:.1f} GiB leaves no room for the KV cache."
+            )
+        return int(free_budget // per_block)
+
+    def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        num_layers, num_kv_heads, head_dim = kv_cache_shape_info(self.hf_config)
+        shape = (num_blocks, self.block_size, num_kv_heads, head_dim)
+        return [
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
+            for _ in range(num_layers)
+        ]
+
+    # ---- one step -------------------------------------------------------------------------
+
+    def _generator_for(self, request: Request) -> torch.Generator | None:
+        if request.params.seed is None:
+            return None
+        generator = self.request_generators.get(request.request_id)
+        if generator is None:
+            generator = torch.Generator(device=self.device).manual_seed(request.params.seed)
+            self.request_generators[request.request_id] = generator
+        return generator
+
+    def release(self, request_id: str) -> None:
+        """Forget per-request state (the seeded generator) of a finished request."""
+        self.request_generators.pop(request_id, None)
+
+    def _prepare(self, batch: SchedulerOutput):
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens, seq_lens, tables = [], [], []
+        sample_rows: list[int] = []  # flat row of the last token of each sampling seq
+        prompt_rows: list[tuple[str, list[int], list[int]]] = []  # (request id, rows, target token ids)
+        bs = self.block_size
+        for seq in batch.seqs:
+            req = seq.request
+            offset = len(ids)
+            ids.extend(req.all_token_ids[seq.start : seq.end])
+            positions.extend(range(seq.start, seq.end))
+            blocks = req.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(seq.start, seq.end))
+            query_lens.append(seq.num_new_tokens)
+            seq_lens.append(seq.end)
+            tables.append(blocks)
+            if seq.samples:
+                sample_rows.append(offset + seq.num_new_tokens - 1)
+            if req.params.prompt_logprobs is not None and seq.start < req.num_prompt_tokens - 1:
+                last = min(seq.end, req.num_prompt_tokens - 1)  # position `last` predicts nothing in the prompt
+                rows = list(range(offset, offset + last - seq.start))
+                targets = req.all_token_ids[seq.start + 1 : last + 1]
+                prompt_rows.append((req.request_id, rows, targets))
+        width = max(len(t) for t in tables)
+        table = torch.zeros((len(tables), width), dtype=torch.int32)
+        for i, blocks in enumerate(tables):
+            table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        dev = self.device
+        starts = [0]
+        for n in query_lens:
+            starts.append(starts[-1] + n)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32).to(dev, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            block_tables=table.to(dev, non_blocking=True),
+            query_lens_cpu=query_lens,
+            seq_lens_cpu=seq_lens,
+            block_size=bs,
+        )
+        input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
+        pos = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
+        return input_ids, pos, meta, sample_rows, prompt_rows
+
+    @torch.inference_mode()
+    def execute(self, batch: SchedulerOutput) -> RunnerOutput:
+        out = RunnerOutput()
+        if batch.empty:
+            return out
+        input_ids, positions, meta, sample_rows, prompt_rows = self._prepare(batch)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+
+        for request_id, rows, targets in prompt_rows:
+            req = next(s.request for s in batch.seqs if s.request.request_id == request_id)
+            logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows]), dim=-1)
+            target = torch.tensor(targets, dtype=torch.long, device=self.device)
+            count = req.params.prompt_logprobs or 0
+            out.prompt_logprobs[request_id] = gather_logprobs(logprobs, target, [count] * len(rows))
+
+        if not sample_rows:
+            return out
+        sampling_reqs = [s.request for s in batch.seqs if s.samples]
+        logits = self.model.compute_logits(hidden[sample_rows]).float()
+        generators = [self._generator_for(r) for r in sampling_reqs]
+        sbatch = build_sampling_batch(sampling_reqs, self.vocab_size, self.device, generators)
+        tokens = sample(logits, sbatch, self.generator)
+        token_list = tokens.tolist()
+        want = [i for i, n in enumerate(sbatch.num_logprobs) if n is not None]
+        if want:
+            logprobs = torch.log_softmax(logits[want], dim=-1)
+            picked = gather_logprobs(logprobs, tokens[want], [sbatch.num_logprobs[i] for i in want])
+            for i, lp in zip(want, picked):
+                out.logprobs[sampling_reqs[i].request_id] = lp
+        for req, token in zip(sampling_reqs, token_list):
+            out.sampled[req.request_id] = token
+        return out
