@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 from server.errors import ConfigError
 
@@ -145,3 +146,36 @@ class EngineArgs:
             max_model_len=max_model_len,
             max_queued_requests=self.max_queued_requests,
         )
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # also PAGEDSERVE_API_KEY
+    shutdown_timeout: float = 30.0
+    max_request_body_bytes: int = 16 * 1024 * 1024
+    log_format: str = "text"
+    disable_access_log: bool = False
+    auth_admin_routes: bool = False  # also require the key on /health, /ready, /metrics
+
+    HELP: ClassVar[dict[str, str]] = {
+        "host": "Address to listen on.",
+        "port": "Port to listen on.",
+        "api_key": "Require this Bearer key on every route that serves the model (env PAGEDSERVE_API_KEY).",
+        "shutdown_timeout": "Seconds in-flight requests get to finish after SIGTERM before they are aborted.",
+        "max_request_body_bytes": "Larger request bodies get 413.",
+        "log_format": "Access and server log format: text or json.",
+        "disable_access_log": "Do not log one line per request.",
+        "auth_admin_routes": "Require the API key on /health, /ready and /metrics too.",
+    }
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be in 0..65535, got {self.port}.")
+        if self.shutdown_timeout < 0:
+            raise ConfigError(f"--shutdown-timeout must be >= 0, got {self.shutdown_timeout}.")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"--log-format must be text or json, got {self.log_format!r}.")
+        if self.max_request_body_bytes < 1024:
+            raise ConfigError("--max-request-body-bytes must be at least 1024.")

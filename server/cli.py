@@ -1,0 +1,107 @@
+"""`pagedserve serve [MODEL]`, `pagedserve make-demo-model DIR`, `pagedserve bench ...`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import typing
+
+from server.config import EngineArgs, ServerConfig
+from server.errors import ConfigError, PagedServeError
+
+_ENGINE_HELP = {
+    "model": "Hub id or local directory of the checkpoint (default: the built-in demo model).",
+    "revision": "Hub revision (branch, tag or commit) to fetch.",
+    "download_dir": "Hugging Face cache directory for downloads (default: HF_HOME's hub cache).",
+    "tokenizer": "Tokenizer directory or Hub id, when it differs from the model's.",
+    "chat_template": "A Jinja chat template file that overrides the tokenizer's.",
+    "served_model_name": "Model name(s) the API answers to (default: MODEL).",
+    "dtype": "Weights and activations dtype: auto, bfloat16, float16 or float32 (auto: float32 on CPU).",
+    "max_model_len": "Prompt plus output tokens at most (default: the model's max_position_embeddings).",
+    "seed": "Seed of the sampler for requests without their own seed.",
+    "device": "auto, cpu or cuda.",
+    "enforce_eager": "Never compile nor capture graphs.",
+    "block_size": "Tokens per KV cache block.",
+    "enable_prefix_caching": "Reuse KV blocks of shared prompt prefixes.",
+    "kv_cache_memory": "KV cache size in GiB on CPU (default: enough for max-num-seqs full sequences, at most 4).",
+    "gpu_memory_utilization": "Share of GPU memory for weights, activations and KV cache.",
+    "num_gpu_blocks_override": "Use exactly this many KV blocks.",
+    "max_num_batched_tokens": "Token budget of one engine step (prefill chunks plus decodes).",
+    "max_num_seqs": "Sequences running at once at most.",
+    "max_queued_requests": "Waiting requests at most; past it requests get 429 (default: unbounded).",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: set[str], help_text: dict[str, str]) -> None:
+    """One flag per field, typed from the field's annotation and defaulting to the field's default."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kwargs = {"dest": f.name, "default": default, "help": help_text.get(f.name, "")}
+        if base is bool:
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+        elif f.name == "served_model_name":
+            parser.add_argument(_flag(f.name), nargs="+", **kwargs)
+        else:
+            base = base if base in (int, float, str) else str
+            parser.add_argument(_flag(f.name), type=base, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagedserve", description="An LLM inference server.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="Start the OpenAI-compatible HTTP server.")
+    serve.add_argument("model", nargs="?", default=None, help=_ENGINE_HELP["model"])
+    _add_dataclass_flags(serve, EngineArgs, {"model"}, _ENGINE_HELP)
+    _add_dataclass_flags(serve, ServerConfig, set(), ServerConfig.HELP)
+
+    demo = commands.add_parser("make-demo-model", help="Write the built-in demo model to DIR.")
+    demo.add_argument("dir")
+
+    return parser
+
+
+def split_args(ns: argparse.Namespace) -> tuple[EngineArgs, ServerConfig]:
+    values = vars(ns)
+    engine = EngineArgs(**{f.name: values[f.name] for f in dataclasses.fields(EngineArgs) if f.name in values})
+    server = ServerConfig(**{f.name: values[f.name] for f in dataclasses.fields(ServerConfig) if f.name in values})
+    engine.validate()
+    server.validate()
+    return engine, server
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if ns.command == "make-demo-model":
+            from server.demo import make_demo_model
+
+            print(make_demo_model(ns.dir))
+            return 0
+        if ns.command == "serve":
+            engine_args, server_config = split_args(ns)
+            from server.api.serve import run_server
+
+            return run_server(engine_args, server_config)
+        return ns.func(ns)
+    except (ConfigError, PagedServeError) as exc:
+        print(f"pagedserve: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
