@@ -1,0 +1,122 @@
+"""Plain-torch ops: the oracle every other kernel is tested against. Simple first, fast enough second."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.metadata import AttentionMetadata
+
+
+def store_kvcache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write token t's K/V ([T, Hkv, D]) into flat slot ``slot_mapping[t]`` of the caches.
+
+    Caches are [num_blocks, block_size, Hkv, D] and must be contiguous (written through a view).
+    A negative slot (padding) is skipped.
+    """
+    num_kv_heads, head_dim = k_cache.shape[-2], k_cache.shape[-1]
+    k_flat = k_cache.view(-1, num_kv_heads, head_dim)
+    v_flat = v_cache.view(-1, num_kv_heads, head_dim)
+    slots = slot_mapping.long()
+    valid = slots >= 0
+    if not bool(valid.all()):
+        slots, k, v = slots[valid], k[valid], v[valid]
+    k_flat.index_copy_(0, slots, k.to(k_flat.dtype))
+    v_flat.index_copy_(0, slots, v.to(v_flat.dtype))
+
+
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The first ``seq_len`` tokens of one sequence's K or V, gathered through its block table."""
+    block_size = cache.shape[1]
+    num_blocks = -(-seq_len // block_size)
+    blocks = block_table[:num_blocks].long()
+    return cache.index_select(0, blocks).flatten(0, 1)[:seq_len]
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of each sequence's query tokens over its cached context.
+
+    q: [T, Hq, D] (Hq a multiple of Hkv). Sequence i's queries sit at positions
+    ``seq_len - query_len .. seq_len - 1``; key j is visible to the query at position p iff
+    ``j <= p`` and, with a sliding window w, ``p - w < j``. Rows past the last sequence stay zero.
+    Computed in float32, returned in q's dtype.
+    """
+    num_q_heads = q.shape[1]
+    num_kv_heads = k_cache.shape[2]
+    out = torch.zeros_like(q)
+    start = 0
+    for i, (query_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+        end = start + query_len
+        if query_len == 0:
+            continue
+        k = _gather_context(k_cache, meta.block_tables[i], seq_len)
+        v = _gather_context(v_cache, meta.block_tables[i], seq_len)
+        q_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)[:, None]
+        k_pos = torch.arange(seq_len, device=q.device)[None, :]
+        mask = k_pos <= q_pos
+        if sliding_window is not None:
+            mask &= k_pos > q_pos - sliding_window
+        o = F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1).float(),
+            k.transpose(0, 1).float(),
+            v.transpose(0, 1).float(),
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=num_q_heads != num_kv_heads,
+        )
+        out[start:end] = o.transpose(0, 1).to(q.dtype)
+        start = end
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim, as transformers computes it (float32 inside, weight applied after)."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``residual = x + residual``; returns ``(rms_norm(residual), residual)``."""
+    residual = x + residual
+    return rms_norm(residual, weight, eps), residual
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[..., 2I] -> [..., I]: ``silu(gate) * up`` with gate the first half."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> torch.Tensor:
+    """Neox/HF-style rotary embedding of x: [T, H, D] at ``positions`` [T].
+
+    ``cos_sin_cache`` is [max_positions, R] holding cos in its first R/2 columns and sin in the rest;
+    the first R dims of each head are rotated (R < D: partial rotary), the rest pass through.
+    """
+    cos_sin = cos_sin_cache.index_select(0, positions.long())
+    cos, sin = cos_sin.chunk(2, dim=-1)
+    cos = torch.cat((cos, cos), dim=-1).unsqueeze(1).to(x.dtype)
+    sin = torch.cat((sin, sin), dim=-1).unsqueeze(1).to(x.dtype)
+    rot_dim = cos.shape[-1]
+    if rot_dim == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
+    return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)

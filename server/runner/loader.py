@@ -1,0 +1,212 @@
+"""Find a checkpoint (local directory or Hub id), read its config, stream its safetensors into a model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import nn
+
+from server.errors import ConfigError
+from server.runner.layers.linear import default_weight_loader
+
+logger = logging.getLogger(__name__)
+
+# What a served model needs from a Hub repo: config, tokenizer, chat template, safetensors weights.
+ALLOW_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.json",
+    "chat_template.jinja",
+    "*.safetensors",
+    "model.safetensors.index.json",
+)
+# Mistral repos also ship their own-format consolidated.safetensors: a second full copy we cannot use.
+IGNORE_PATTERNS = ("consolidated*.safetensors", "original/*")
+
+DTYPES = MappingProxyType({"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32})
+INDEX_FILE = "model.safetensors.index.json"
+# Buffers some checkpoints carry that the model recomputes.
+_SKIPPED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "~")) or model.count("/") > 1 or os.sep != "/" and os.sep in model
+
+
+def resolve_model_path(model: str, revision: str | None = None, download_dir: str | None = None) -> Path:
+    """A local directory as is, else a Hub repo id fetched (or found in the HF cache) with huggingface_hub."""
+    local = Path(model).expanduser()
+    if local.exists() or _looks_like_path(model):
+        if not local.exists():
+            raise ConfigError(f"Model directory {model} does not exist")
+        if not local.is_dir():
+            raise ConfigError(f"Model path {model} is not a directory")
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"Model directory {model} has no config.json")
+        return local.resolve()
+    return _download(model, revision, download_dir)
+
+
+def _download(repo_id: str, revision: str | None, download_dir: str | None) -> Path:
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    where = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    try:
+        snapshot = huggingface_hub.snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=download_dir,
+            allow_patterns=list(ALLOW_PATTERNS),
+            ignore_patterns=list(IGNORE_PATTERNS),
+            token=os.environ.get("HF_TOKEN"),
+        )
+    except errors.GatedRepoError as e:
+        raise ConfigError(
+            f"Model {repo_id!r} is gated: accept its license on https://huggingface.co/{repo_id} "
+            "and set HF_TOKEN to a token of an account that has access"
+        ) from e
+    except errors.RepositoryNotFoundError as e:
+        raise ConfigError(
+            f"Model {repo_id!r} was not found on the Hugging Face Hub (a private repo needs HF_TOKEN), "
+            "and it is not a local directory"
+        ) from e
+    except errors.RevisionNotFoundError as e:
+        raise ConfigError(f"Revision {revision!r} not found in model repo {repo_id!r}") from e
+    except errors.LocalEntryNotFoundError as e:
+        cache = download_dir or huggingface_hub.constants.HF_HUB_CACHE
+        offline = huggingface_hub.constants.HF_HUB_OFFLINE
+        reason = "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "the Hugging Face Hub cannot be reached"
+        raise ConfigError(
+            f"Model {where} is not in the local cache {cache} (or is incomplete there) and {reason}. "
+            "Download it once with network access, or pass an existing local model directory"
+        ) from e
+    except errors.HFValidationError as e:
+        raise ConfigError(f"{repo_id!r} is neither a local directory nor a valid Hub model id: {e}") from e
+    except errors.HfHubHTTPError as e:
+        raise ConfigError(f"Could not download model {where} from the Hugging Face Hub: {e}") from e
+    path = Path(snapshot)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"Model {where} has no config.json (fetched to {path})")
+    return path
+
+
+def load_hf_config(path: str | os.PathLike) -> Any:
+    """The transformers config of a model directory."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"Cannot read the model config in {path}: {e}") from e
+
+
+def _checkpoint_dtype(hf_config: Any) -> torch.dtype | None:
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
+def resolve_dtype(dtype: str, hf_config: Any, device: torch.device | str) -> torch.dtype:
+    """``auto``: the checkpoint's dtype on accelerators (bfloat16 if it names none), float32 on CPU
+    (half-precision matmuls are slower than float32 on CPUs without AMX); else the named dtype."""
+    if dtype == "auto":
+        if torch.device(device).type == "cpu":
+            return torch.float32
+        return _checkpoint_dtype(hf_config) or torch.bfloat16
+    if dtype not in DTYPES:
+        raise ConfigError(f"Unknown dtype {dtype!r}. Choices: auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / name for name in sorted(set(weight_map.values()))]
+    files = sorted(path.glob("*.safetensors"))
+    hf_named = [f for f in files if f.name.startswith("model")]
+    files = hf_named or [f for f in files if not f.name.startswith("consolidated")]
+    if not files:
+        held = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+        raise ConfigError(
+            f"No *.safetensors weights in {path}: only safetensors checkpoints are supported. "
+            f"The directory holds: {', '.join(held) or 'nothing'}"
+        )
+    return files
+
+
+def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+
+    disable = not sys.stderr.isatty()
+    for file in tqdm(files, desc="Loading safetensors", unit="file", disable=disable or len(files) == 1):
+        with safe_open(str(file), framework="pt") as f:
+            names = list(f.keys())
+            for name in tqdm(names, desc=file.name, unit="tensor", leave=False, disable=disable):
+                yield name, f.get_tensor(name)
+
+
+def _target(name: str, packed_modules: Any) -> tuple[str, Any]:
+    """Our parameter name for an HF tensor name, and the shard id when it lands in a fused parameter."""
+    for hf_part, (ours, shard_id) in packed_modules.items():
+        needle = f".{hf_part}."
+        if needle in name:
+            return name.replace(needle, f".{ours}.", 1), shard_id
+    return name, None
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype) -> None:
+    """Stream every safetensors tensor of ``path`` into ``model``; ConfigError if any parameter stays unset."""
+    path = Path(path)
+    files = _safetensors_files(path)
+    params = dict(model.named_parameters())
+    packed_modules = getattr(model, "packed_modules", {})
+    tied = getattr(model, "tie_word_embeddings", False)
+    loaded: set[tuple[str, Any]] = set()
+    unexpected: list[str] = []
+    for name, tensor in _iter_tensors(files):
+        if name.endswith(_SKIPPED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        target, shard_id = _target(name, packed_modules)
+        param = params.get(target)
+        if param is None:
+            unexpected.append(name)
+            continue
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        if shard_id is None:
+            getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+        else:
+            param.weight_loader(param, tensor, shard_id)
+        loaded.add((target, shard_id))
+    if unexpected:
+        logger.warning("Ignored %d checkpoint tensors the model does not use: %s", len(unexpected), unexpected[:5])
+    hf_names = {shard: f".{hf_part}." for hf_part, shard in packed_modules.items()}
+    missing = []
+    for name, param in params.items():
+        for shard_id in getattr(param, "shard_ids", (None,)):
+            if (name, shard_id) in loaded:
+                continue
+            ours = next((o for o, s in hf_names if s == shard_id and f".{o}." in name), None)
+            missing.append(name.replace(f".{ours}.", hf_names[(ours, shard_id)], 1) if ours else name)
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise ConfigError(f"Checkpoint {path} is missing weights: {shown}")
