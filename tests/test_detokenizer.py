@@ -1,0 +1,54 @@
+"""Incremental detokenization: UTF-8 safety, stop strings held back, include_stop_str_in_output."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from server.demo import ensure_demo_model
+from server.engine.detokenizer import IncrementalDetokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(ensure_demo_model())
+
+
+def _run(tokenizer, text: str, stop=(), include=False, prompt_text="Say: "):
+    prompt = tokenizer.encode(prompt_text)
+    detok = IncrementalDetokenizer(tokenizer.backend_tokenizer, prompt, list(stop), include, True)
+    pieces = [detok.step(t) for t in tokenizer.encode(text)]
+    if detok.stopped_by is None:
+        pieces.append(detok.flush())
+    return pieces, detok
+
+
+@pytest.mark.parametrize("text", ["Hello world, how are you?", "naïve café — ünïcödé", "日本語のテキスト 🙂🚀 ok", "  spaced\n\nlines\t"])
+def test_streamed_text_equals_decode(tokenizer, text):
+    pieces, _ = _run(tokenizer, text)
+    assert "".join(pieces) == tokenizer.decode(tokenizer.encode(text))
+    assert all("\ufffd" not in p for p in pieces), "a partial UTF-8 sequence leaked"
+
+
+def test_stop_string_is_cut_and_never_partially_sent(tokenizer):
+    pieces, detok = _run(tokenizer, "alpha beta STOP gamma delta", stop=["STOP"])
+    assert "".join(pieces) == "alpha beta "
+    assert detok.stopped_by == "STOP"
+    assert not any("S" in p for p in pieces)
+
+
+def test_include_stop_str_in_output(tokenizer):
+    pieces, _ = _run(tokenizer, "alpha beta STOP gamma", stop=["STOP"], include=True)
+    assert "".join(pieces) == "alpha beta STOP"
+
+
+def test_partial_stop_prefix_is_released_when_it_does_not_complete(tokenizer):
+    pieces, detok = _run(tokenizer, "one ST two STO three", stop=["STOP"])
+    assert detok.stopped_by is None
+    assert "".join(pieces) == "one ST two STO three"
+
+
+def test_earliest_of_several_stop_strings_wins(tokenizer):
+    pieces, detok = _run(tokenizer, "x y END z HALT", stop=["HALT", "END"])
+    assert "".join(pieces) == "x y "
+    assert detok.stopped_by == "END"
