@@ -1,0 +1,205 @@
+"""Continuous batching with one token budget per step (no prefill/decode phases).
+
+Each step the running requests go first, oldest first: one token for a decode, a chunk for a
+request still in its prefill. Then, if nobody was preempted, waiting requests join in FIFO order
+with their prefill chunked to the budget left. When KV blocks run out the newest running request
+is preempted by recompute: its blocks are freed and it goes back to the front of the queue, to
+run its prompt and the tokens it already generated again (its outputs are kept).
+
+Plain Python on ints (no torch); the runner turns a ``SchedulerOutput`` into tensors.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from server.config import SchedulerConfig
+from server.errors import ContextTooLong, InvalidRequest, Overloaded
+from server.request import Request, RequestStatus
+from server.scheduler.kv_blocks import BlockPool, cdiv
+from server.scheduler.output import ScheduledSeq, SchedulerOutput
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_pool: BlockPool):
+        self.config = config
+        self.block_pool = block_pool
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # the order they started running in; last is newest
+        self.requests: dict[str, Request] = {}  # every unfinished request, waiting or running
+        self.num_preemptions_total = 0
+
+    # ---- state -------------------------------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def kv_usage(self) -> float:
+        return self.block_pool.usage
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def get_request(self, request_id: str) -> Request | None:
+        return self.requests.get(request_id)
+
+    # ---- admission ---------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request, or raise InvalidRequest / ContextTooLong / Overloaded."""
+        max_len = self.config.max_model_len
+        num_prompt = request.num_prompt_tokens
+        if num_prompt == 0:
+            raise InvalidRequest("The prompt is empty: at least one token is needed.", param="prompt")
+        if request.request_id in self.requests:
+            raise InvalidRequest(f"Request id {request.request_id!r} is already in use.")
+        max_tokens = request.params.max_tokens
+        if num_prompt >= max_len:
+            raise ContextTooLong(
+                f"This model's maximum context length is {max_len} tokens, but the prompt has "
+                f"{num_prompt} tokens, which leaves no room for output. Please shorten the prompt.",
+                param="prompt",
+            )
+        if max_tokens is None:
+            max_tokens = max_len - num_prompt
+        elif num_prompt + max_tokens > max_len:
+            raise ContextTooLong(
+                f"This model's maximum context length is {max_len} tokens. However, you requested "
+                f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} in the "
+                f"completion). Please reduce the length of the prompt or max_tokens.",
+                param="max_tokens",
+            )
+        pool = self.block_pool
+        needed = cdiv(num_prompt + max_tokens, pool.block_size)
+        if needed > pool.num_blocks:
+            raise ContextTooLong(
+                f"The request needs up to {num_prompt + max_tokens} tokens ({num_prompt} in the prompt, "
+                f"{max_tokens} in the completion) but the KV cache holds only "
+                f"{pool.num_blocks * pool.block_size} tokens ({pool.num_blocks} blocks of {pool.block_size}). "
+                f"Please reduce the length of the prompt or max_tokens.",
+                param="max_tokens",
+            )
+        limit = self.config.max_queued_requests
+        if limit is not None and len(self.waiting) >= limit:
+            raise Overloaded(f"The server is overloaded: {len(self.waiting)} requests are waiting (the limit is {limit}).")
+        request.max_tokens = max_tokens
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+        self.requests[request.request_id] = request
+
+    # ---- one step ----------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        pool = self.block_pool
+
+        # Running requests first, oldest first.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not pool.allocate(request, request.num_computed_tokens + num_new):
+                victim = self.running.pop()  # the newest
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                out.seqs.append(ScheduledSeq(request, request.num_computed_tokens, num_new))
+                budget -= num_new
+                i += 1
+                continue
+            break  # the request itself was preempted: it was the last one
+
+        # Then waiting requests, FIFO, unless memory is already short this step.
+        while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            computed_blocks, num_cached = pool.get_computed_blocks(request, record_stats=False)
+            num_new = min(request.num_tokens - num_cached, budget)
+            if not pool.allocate(request, num_cached + num_new, computed_blocks):
+                break  # no skipping: the head of the queue goes first
+            pool.record_prefix_query(request, num_cached)  # counted once it starts, not per attempt
+            self.waiting.popleft()
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = num_cached
+            request.num_computed_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.seqs.append(ScheduledSeq(request, num_cached, num_new))
+            budget -= num_new
+        return out
+
+    def _preempt(self, request: Request) -> None:
+        self.block_pool.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self.waiting.appendleft(request)
+
+    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Record a step the runner ran: advance, cache, append sampled tokens, finish requests.
+
+        ``sampled`` maps the request id of every seq with ``samples`` to its new token. Returns the
+        requests that finished in this update (their blocks are already freed).
+        """
+        finished: list[Request] = []
+        for seq in output.seqs:
+            request = seq.request
+            if request.status is not RequestStatus.RUNNING:
+                continue  # finished from outside between schedule() and update()
+            samples = seq.samples  # before the new token changes num_tokens
+            request.num_computed_tokens += seq.num_new_tokens
+            self.block_pool.cache_full_blocks(request)
+            if not samples:
+                continue  # mid-prefill chunk
+            token = sampled[request.request_id]
+            request.all_token_ids.append(token)
+            status = self._check_stop(request, token)
+            if status is not None:
+                request.status = status
+                self.block_pool.free(request)
+                del self.requests[request.request_id]
+                finished.append(request)
+        if finished:
+            self.running = [r for r in self.running if r.status is RequestStatus.RUNNING]
+        return finished
+
+    def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
+        params = request.params
+        if request.num_output_tokens >= params.min_tokens:
+            if token in request.eos_token_ids and not params.ignore_eos:
+                request.stop_reason = None
+                return RequestStatus.FINISHED_STOPPED
+            if token in params.stop_token_ids:
+                request.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def finish(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> Request | None:
+        """Finish a request from outside (abort, stop string): frees its blocks now.
+
+        Works for waiting (preempted included) and running requests; an unknown or already
+        finished id is a no-op. Returns the request when there was one.
+        """
+        if not status.finished:
+            raise ValueError(f"finish() needs a finished status, got {status}")
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        request.status = status
+        self.block_pool.free(request)
+        return request
