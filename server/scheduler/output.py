@@ -18,15 +18,15 @@ class ScheduledSeq:
     request: Request
     start: int
     num_new_tokens: int
+    samples: bool = field(init=False)  # the chunk reaches the end of the known tokens: sample one
+
+    def __post_init__(self) -> None:
+        # Fixed when scheduled: update() appends the sampled token and moves the end afterwards.
+        self.samples = self.start + self.num_new_tokens == self.request.num_tokens
 
     @property
     def end(self) -> int:
         return self.start + self.num_new_tokens
-
-    @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the end of the known tokens, so a new token is sampled."""
-        return self.end == self.request.num_tokens
 
 
 @dataclass
