@@ -7,9 +7,9 @@ from typing import Callable
 
 import torch
 
-from kernels import reference
+from kernels import batched, reference
 
-BACKENDS = ("reference",)
+BACKENDS = ("auto", "reference", "batched")
 
 
 @dataclass(frozen=True)
@@ -25,16 +25,19 @@ class Ops:
     backend: str = "reference"
 
 
-def get_ops(device: torch.device, backend: str = "reference") -> Ops:
-    """The ops for ``device``. Only the plain-torch reference backend exists so far; it runs anywhere."""
-    if backend == "reference":
-        return Ops(
-            store_kvcache=reference.store_kvcache,
-            paged_attention=reference.paged_attention,
-            rms_norm=reference.rms_norm,
-            fused_add_rms_norm=reference.fused_add_rms_norm,
-            silu_and_mul=reference.silu_and_mul,
-            apply_rotary=reference.apply_rotary,
-            backend="reference",
-        )
-    raise ValueError(f"Unknown kernel backend {backend!r} for device {device}. Available: {', '.join(BACKENDS)}")
+def get_ops(device: torch.device, backend: str = "auto") -> Ops:
+    """The ops for ``device``. ``auto`` picks the fastest backend that runs there; ``reference`` is the
+    plain-torch oracle; ``batched`` batches all decode sequences of a step into one attention call."""
+    if backend == "auto":
+        backend = "batched"
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown kernel backend {backend!r} for device {device}. Available: {', '.join(BACKENDS)}")
+    return Ops(
+        store_kvcache=reference.store_kvcache,
+        paged_attention=batched.paged_attention if backend == "batched" else reference.paged_attention,
+        rms_norm=reference.rms_norm,
+        fused_add_rms_norm=reference.fused_add_rms_norm,
+        silu_and_mul=reference.silu_and_mul,
+        apply_rotary=reference.apply_rotary,
+        backend=backend,
+    )

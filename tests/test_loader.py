@@ -36,7 +36,7 @@ def _save_tiny(path: Path, **save_kwargs) -> torch.nn.Module:
 
 def _build(path: Path):
     cfg = load_hf_config(path)
-    return get_model_class(cfg)(cfg, get_ops(torch.device("cpu")))
+    return get_model_class(cfg)(cfg, get_ops(torch.device("cpu"), "reference"))
 
 
 def _add_snapshot(cache: Path, repo: str, sha: str, src: Path, refs: tuple[str, ...]) -> Path:

@@ -64,7 +64,7 @@ def _build_hf(config, tmp_path):
 
 def _build_ours(path):
     cfg = load_hf_config(resolve_model_path(str(path)))
-    model = get_model_class(cfg)(cfg, get_ops(torch.device("cpu")))
+    model = get_model_class(cfg)(cfg, get_ops(torch.device("cpu"), "reference"))
     load_weights(model, path, torch.float32)
     return model.eval(), cfg
 

@@ -1,0 +1,103 @@
+"""Paged attention in a few batched torch calls: the fast path where no Triton kernel runs (CPU).
+
+All single-token (decode) sequences of a step go through ONE attention call over their contexts,
+gathered from the cache and padded to the longest; prefill chunks run one call per sequence.
+`kernels.reference.paged_attention` is the oracle it is tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kernels.metadata import AttentionMetadata
+from kernels.reference import _gather_context
+
+
+@dataclass
+class DecodePlan:
+    """Which sequences of a step decode one token, computed once per step and shared by all layers."""
+
+    rows: torch.Tensor  # [B] flat token row of each decode sequence
+    block_tables: torch.Tensor  # [B, blocks] covering the longest decode context
+    seq_lens: torch.Tensor  # [B]
+    max_len: int  # padded context length (a whole number of blocks)
+    prefill: list[tuple[int, int, int, int]]  # (seq index, first row, query_len, seq_len) of the others
+
+
+def plan_decode(meta: AttentionMetadata) -> DecodePlan:
+    plan = getattr(meta, "_decode_plan", None)
+    if plan is not None:
+        return plan
+    decode, rows, prefill = [], [], []
+    start = 0
+    for i, (query_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+        if query_len == 1:
+            decode.append(i)
+            rows.append(start)
+        elif query_len > 0:
+            prefill.append((i, start, query_len, seq_len))
+        start += query_len
+    device = meta.block_tables.device
+    longest = max((meta.seq_lens_cpu[i] for i in decode), default=0)
+    num_blocks = -(-longest // meta.block_size)
+    index = torch.tensor(decode, dtype=torch.long, device=device)
+    plan = DecodePlan(
+        rows=torch.tensor(rows, dtype=torch.long, device=device),
+        block_tables=meta.block_tables.index_select(0, index)[:, :num_blocks].long(),
+        seq_lens=meta.seq_lens.index_select(0, index).long(),
+        max_len=num_blocks * meta.block_size,
+        prefill=prefill,
+    )
+    meta._decode_plan = plan  # per-step: every layer of this step reuses it
+    return plan
+
+
+def _decode_attention(q, k_cache, v_cache, plan: DecodePlan, scale: float, sliding_window: int | None) -> torch.Tensor:
+    batch = plan.rows.shape[0]
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k = k_cache[plan.block_tables].view(batch, plan.max_len, num_kv_heads, head_dim).transpose(1, 2)
+    v = v_cache[plan.block_tables].view(batch, plan.max_len, num_kv_heads, head_dim).transpose(1, 2)
+    positions = torch.arange(plan.max_len, device=q.device)
+    last = (plan.seq_lens - 1).unsqueeze(1)
+    mask = positions.unsqueeze(0) <= last
+    if sliding_window is not None:
+        mask &= positions.unsqueeze(0) > last - sliding_window
+    query = q.index_select(0, plan.rows).unsqueeze(2)  # [B, Hq, 1, D]
+    out = F.scaled_dot_product_attention(
+        query, k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=q.shape[1] != num_kv_heads
+    )
+    return out.squeeze(2)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Same contract as `kernels.reference.paged_attention`, computed in q's dtype."""
+    plan = plan_decode(meta)
+    out = torch.zeros_like(q)
+    if plan.rows.numel():
+        out.index_copy_(0, plan.rows, _decode_attention(q, k_cache, v_cache, plan, scale, sliding_window))
+    num_kv_heads = k_cache.shape[2]
+    for i, first, query_len, seq_len in plan.prefill:
+        k = _gather_context(k_cache, meta.block_tables[i], seq_len).transpose(0, 1)
+        v = _gather_context(v_cache, meta.block_tables[i], seq_len).transpose(0, 1)
+        query = q[first : first + query_len].transpose(0, 1)
+        if query_len == seq_len and sliding_window is None:
+            o = F.scaled_dot_product_attention(query, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != num_kv_heads)
+        else:
+            q_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)[:, None]
+            k_pos = torch.arange(seq_len, device=q.device)[None, :]
+            mask = k_pos <= q_pos
+            if sliding_window is not None:
+                mask &= k_pos > q_pos - sliding_window
+            o = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != num_kv_heads)
+        out[first : first + query_len] = o.transpose(0, 1)
+    return out
