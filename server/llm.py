@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
@@ -122,7 +123,7 @@ class LLM:
         order = []
         for tokens, text, p in zip(token_lists, texts, params):
             request_id = str(next(self._ids))
-            self.engine.add_request(GenerateRequest(request_id, tokens, p, 0.0))
+            self.engine.add_request(GenerateRequest(request_id, tokens, p, time.monotonic()))
             results[request_id] = GenerationResult(request_id, text, tokens, [CompletionOutput(i) for i in range(p.n)])
             order.append(request_id)
         remaining = sum(p.n for p in params)

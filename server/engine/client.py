@@ -11,9 +11,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
-from server.engine.core import EngineCore, StepStats
+from server.engine.core import EngineCore
 from server.engine.messages import AbortRequest, GenerateRequest, RequestOutput
 from server.errors import EngineDead, PagedServeError
+from server.metrics import StepStats
 from server.request import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -94,12 +95,17 @@ class EngineClient:
     # ---- the loop -------------------------------------------------------------------------
 
     def _run(self) -> None:
+        busy = False
         try:
             while not self._stop.is_set():
                 self._heartbeat = time.monotonic()
                 self._drain_inbox(block=not self.core.has_unfinished())
                 if not self.core.has_unfinished():
+                    if busy and self._on_step is not None:  # went idle: let the gauges see it
+                        self._on_step(self.core.snapshot_stats(), [])
+                    busy = False
                     continue
+                busy = True
                 outputs, stats = self.core.step()
                 self._deliver(outputs)
                 if self._on_step is not None:

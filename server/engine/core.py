@@ -14,6 +14,7 @@ from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.messages import GenerateRequest, RequestOutput
 from server.engine.tokenizer import eos_token_ids, load_generation_config, load_tokenizer, sampling_defaults
 from server.errors import InvalidRequest
+from server.metrics import FinishedStats, StepStats
 from server.request import Request, RequestStatus, SamplingParams, TokenLogprob
 from server.runner import loader
 from server.runner.model_runner import ModelRunner
@@ -33,21 +34,9 @@ class _Choice:
     detok: IncrementalDetokenizer
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     prompt_logprobs_sent: bool = False
+    first_scheduled_time: float | None = None
     first_token_time: float | None = None
-
-
-@dataclass
-class StepStats:
-    """What one step did, for metrics and logs."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_usage: float = 0.0
-    num_batched_tokens: int = 0
-    num_prompt_tokens: int = 0  # tokens run for prefill (not decode) this step
-    num_generated_tokens: int = 0
-    num_preempted: int = 0
-    step_seconds: float = 0.0
+    last_token_time: float | None = None
 
 
 class EngineCore:
@@ -131,6 +120,26 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def startup_phases(self) -> dict[str, float]:
+        times = self.runner.times
+        return {
+            "download": self.download_seconds,
+            "load_weights": times.load_weights_s,
+            "kv_cache": times.kv_cache_s,
+            "compile": 0.0,
+            "warmup": times.warmup_s,
+        }
+
+    def snapshot_stats(self) -> StepStats:
+        """The engine's state between steps (for the gauges once it goes idle)."""
+        return StepStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_usage=self.block_pool.usage,
+            prefix_queries=self.block_pool.prefix_queries,
+            prefix_hits=self.block_pool.prefix_hits,
+        )
+
     # ---- one step -------------------------------------------------------------------------
 
     def step(self) -> tuple[list[RequestOutput], StepStats]:
@@ -143,6 +152,11 @@ class EngineCore:
         stats = StepStats(num_preempted=len(batch.preempted))
         outputs: list[RequestOutput] = []
         if not batch.empty:
+            now = time.monotonic()
+            for seq in batch.seqs:
+                choice = self._choices.get(seq.request.request_id)
+                if choice is not None and choice.first_scheduled_time is None:
+                    choice.first_scheduled_time = now
             result = self.runner.execute(batch)
             for seq in batch.seqs:
                 if seq.start < seq.request.num_prompt_tokens:
@@ -156,18 +170,25 @@ class EngineCore:
                     choice.prompt_logprobs.extend(result.prompt_logprobs[seq.request.request_id])
                 if seq.samples:
                     stats.num_generated_tokens += 1
-                    outputs.append(self._emit(choice, result.sampled[seq.request.request_id], result.logprobs.get(seq.request.request_id)))
+                    outputs.append(self._emit(choice, result.sampled[seq.request.request_id], result.logprobs.get(seq.request.request_id), stats))
         stats.num_batched_tokens = batch.num_batched_tokens
         stats.num_running = self.scheduler.num_running
         stats.num_waiting = self.scheduler.num_waiting
         stats.kv_usage = self.block_pool.usage
+        stats.prefix_queries = self.block_pool.prefix_queries
+        stats.prefix_hits = self.block_pool.prefix_hits
         stats.step_seconds = time.perf_counter() - started
         return outputs, stats
 
-    def _emit(self, choice: _Choice, token: int, logprob: TokenLogprob | None) -> RequestOutput:
+    def _emit(self, choice: _Choice, token: int, logprob: TokenLogprob | None, stats: StepStats) -> RequestOutput:
         request = choice.request
+        now = time.monotonic()
         if choice.first_token_time is None:
-            choice.first_token_time = time.monotonic()
+            choice.first_token_time = now
+            stats.ttfts.append(now - request.arrival_time)
+        else:
+            stats.inter_token_latencies.append(now - choice.last_token_time)
+        choice.last_token_time = now
         ended_by_token = request.status is RequestStatus.FINISHED_STOPPED
         if ended_by_token and not request.params.include_stop_str_in_output:
             text = choice.detok.flush()  # EOS or a stop token id: not part of the text
@@ -194,8 +215,23 @@ class EngineCore:
             out.prompt_logprobs = [None, *choice.prompt_logprobs]
             choice.prompt_logprobs_sent = True
         if request.status.finished:
+            stats.finished.append(self._finished_stats(choice, now))
             self._forget(choice)
         return out
+
+    def _finished_stats(self, choice: _Choice, now: float) -> FinishedStats:
+        request = choice.request
+        scheduled = choice.first_scheduled_time or now
+        first_token = choice.first_token_time or now
+        return FinishedStats(
+            finish_reason=request.finish_reason or "abort",
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_generation_tokens=request.num_output_tokens,
+            e2e_seconds=now - request.arrival_time,
+            queue_seconds=scheduled - request.arrival_time,
+            prefill_seconds=first_token - scheduled,
+            decode_seconds=now - first_token,
+        )
 
     def _forget(self, choice: _Choice) -> None:
         request_id = choice.request.request_id
