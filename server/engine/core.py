@@ -23,6 +23,8 @@ from server.scheduler.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
+DEMO_MODEL_NAME = "pagedserve-demo"  # what the built-in demo model is served as
+
 
 @dataclass
 class _Choice:
@@ -46,10 +48,10 @@ class EngineCore:
         if args.model is None:
             from server.demo import ensure_demo_model
 
-            model = str(ensure_demo_model())
+            model, path = DEMO_MODEL_NAME, str(ensure_demo_model())
         else:
             model = args.model
-        path = str(loader.resolve_model_path(model, revision=args.revision, download_dir=args.download_dir))
+            path = str(loader.resolve_model_path(model, revision=args.revision, download_dir=args.download_dir))
         self.download_seconds = time.perf_counter() - started
         hf_config = loader.load_hf_config(path)
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
