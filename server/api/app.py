@@ -1,0 +1,63 @@
+"""The FastAPI app: routers, auth, errors in OpenAI's envelope, request ids, access log, body limit.
+
+`build_app(client, server_config)` wires an EngineClient that is not started yet; the app's
+lifespan starts the engine loop and stops it on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from fastapi import Depends, FastAPI
+from prometheus_client import CollectorRegistry
+
+import server
+from server.api import admin, chat, completions
+from server.api.auth import require_admin_key, require_api_key
+from server.api.errors import install_error_handlers
+from server.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from server.api.state import ServerState
+from server.config import ServerConfig
+from server.engine.client import EngineClient
+
+logger = logging.getLogger(__name__)
+
+
+def build_app(client: EngineClient, server_config: ServerConfig, registry: Any = None) -> FastAPI:
+    state = ServerState.build(client, server_config, registry if registry is not None else CollectorRegistry())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        client.start()
+        state.loaded = True
+        logger.info("Serving %s (max_model_len %d)", ", ".join(state.model.names), state.model.max_model_len)
+        try:
+            yield
+        finally:
+            state.loaded = False
+            await asyncio.to_thread(client.shutdown)
+
+    app = FastAPI(
+        title="pagedserve",
+        version=server.__version__,
+        description="OpenAI-compatible LLM inference server.",
+        lifespan=lifespan,
+    )
+    app.state.server = state
+    install_error_handlers(app)
+
+    app.include_router(admin.ops_router, dependencies=[Depends(require_admin_key)])
+    inference = [Depends(require_api_key)]
+    app.include_router(admin.model_router, dependencies=inference)
+    app.include_router(completions.router, dependencies=inference)
+    app.include_router(chat.router, dependencies=inference)
+    # TGI's /generate, /generate_stream and /info join here, behind the same key:
+    # app.include_router(tgi.router, dependencies=inference)
+
+    # Outermost last: the request id and access log also cover 413 answers.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=server_config.max_request_body_bytes)
+    app.add_middleware(RequestContextMiddleware, access_log=not server_config.disable_access_log)
+    return app

@@ -1,0 +1,121 @@
+"""Request input -> prompt token ids: completion prompts as given, chat messages through the template."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from server.api.protocol import ChatMessage, Tool
+from server.api.state import ModelInfo
+from server.errors import InvalidRequest
+
+_RESERVED_TEMPLATE_KWARGS = {
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+}
+
+
+@dataclass
+class Prompt:
+    token_ids: list[int]
+    text: str | None  # the prompt as given, when it was text (echo shows it as is)
+
+
+def completion_prompts(prompt, model: ModelInfo) -> list[Prompt]:
+    """Text, texts, token ids or token-id lists (used exactly, no BOS added); null: a new document."""
+    tokenizer = model.tokenizer
+    if prompt is None:
+        return [Prompt([model.start_token_id], None)]
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    elif prompt and isinstance(prompt[0], int):
+        prompt = [prompt]
+    if not prompt:
+        raise InvalidRequest("prompt must not be an empty list.", param="prompt")
+    out = []
+    for item in prompt:
+        if isinstance(item, str):
+            ids = tokenizer.encode(item) if item else [model.start_token_id]
+            out.append(Prompt(list(ids), item))
+        else:
+            if not item:
+                raise InvalidRequest("A token-id prompt must not be empty.", param="prompt")
+            bad = next((t for t in item if t >= model.vocab_size), None)
+            if bad is not None:
+                raise InvalidRequest(
+                    f"Token id {bad} is out of range for a vocabulary of {model.vocab_size} tokens.", param="prompt"
+                )
+            out.append(Prompt(list(item), None))
+    return out
+
+
+def message_dicts(messages: list[ChatMessage]) -> list[dict]:
+    """Messages as the chat template expects them; text parts are joined into one string."""
+    out = []
+    for i, message in enumerate(messages):
+        entry: dict = {"role": "system" if message.role == "developer" else message.role}
+        content = message.content
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if part.type != "text":
+                    raise InvalidRequest(
+                        f"Content part type {part.type!r} is not supported: this model takes text only "
+                        f"(parts of type 'text').",
+                        param=f"messages[{i}].content[{j}].type",
+                    )
+                if part.text is None:
+                    raise InvalidRequest("A text content part needs a 'text' string.", param=f"messages[{i}].content[{j}].text")
+                texts.append(part.text)
+            content = "\n".join(texts)
+        if content is None and not (message.role == "assistant" and message.tool_calls):
+            raise InvalidRequest(f"Message {i} ({message.role}) has no content.", param=f"messages[{i}].content")
+        entry["content"] = content if content is not None else ""
+        if message.name is not None:
+            entry["name"] = message.name
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
+        if message.tool_calls:
+            entry["tool_calls"] = [call.model_dump(exclude_none=True) for call in message.tool_calls]
+        out.append(entry)
+    return out
+
+
+def chat_prompt(
+    model: ModelInfo,
+    messages: list[ChatMessage],
+    *,
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+    tools: list[Tool] | None = None,
+    template_kwargs: dict | None = None,
+) -> str:
+    """The conversation rendered by the model's chat template (--chat-template overrides it)."""
+    tokenizer = model.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequest("This model has no chat template: start the server with --chat-template FILE.", param="messages")
+    kwargs = dict(template_kwargs or {})
+    reserved = sorted(set(kwargs) & _RESERVED_TEMPLATE_KWARGS)
+    if reserved:
+        raise InvalidRequest(f"chat_template_kwargs must not set {', '.join(reserved)}.", param="chat_template_kwargs")
+    if continue_final_message and messages[-1].role != "assistant":
+        raise InvalidRequest(
+            "continue_final_message needs the last message to be the assistant's.", param="continue_final_message"
+        )
+    conversation = message_dicts(messages)
+    try:
+        return tokenizer.apply_chat_template(
+            conversation,
+            tools=[tool.model_dump(exclude_none=True) for tool in tools] if tools else None,
+            add_generation_prompt=add_generation_prompt and not continue_final_message,
+            continue_final_message=continue_final_message,
+            tokenize=False,
+            **kwargs,
+        )
+    except Exception as exc:  # jinja2 TemplateError, raise_exception() in the template, ValueError
+        raise InvalidRequest(f"The chat template could not render these messages: {exc}", param="messages") from exc
+
+
+def encode_chat(model: ModelInfo, text: str) -> list[int]:
+    """A rendered conversation -> token ids; the template wrote every special token already."""
+    return list(model.tokenizer.encode(text, add_special_tokens=False))

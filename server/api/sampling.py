@@ -1,0 +1,80 @@
+"""Request -> SamplingParams, shared by both endpoints.
+
+A field the request leaves unset takes the checkpoint's generation_config.json default
+(`sampling_defaults`), then SamplingParams' own. SamplingParams.validate() has the last word on
+ranges and raises InvalidRequest naming the parameter.
+"""
+
+from __future__ import annotations
+
+from server.api.protocol import SamplingRequest
+from server.api.state import ModelInfo
+from server.errors import InvalidRequest
+from server.request import SamplingParams
+
+# Fields that fall back to generation_config.json when the request leaves them unset.
+_MODEL_DEFAULTED = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+# Fields passed through as given, when given.
+_PLAIN = (
+    "n",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "min_tokens",
+    "ignore_eos",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
+)
+
+
+def build_sampling_params(
+    request: SamplingRequest,
+    model: ModelInfo,
+    *,
+    max_tokens: int | None,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+) -> SamplingParams:
+    values: dict = {"max_tokens": max_tokens, "logprobs": logprobs, "prompt_logprobs": prompt_logprobs}
+    for name in _MODEL_DEFAULTED:
+        value = getattr(request, name)
+        if value is None:
+            value = model.sampling_defaults.get(name)
+        if value is not None:
+            values[name] = value
+    for name in _PLAIN:
+        value = getattr(request, name)
+        if value is not None:
+            values[name] = value
+    if request.stop is not None:
+        values["stop"] = [request.stop] if isinstance(request.stop, str) else list(request.stop)
+    if request.stop_token_ids:
+        values["stop_token_ids"] = list(request.stop_token_ids)
+    if request.logit_bias:
+        values["logit_bias"] = _logit_bias(request.logit_bias, model.vocab_size)
+    top_k = values.get("top_k")
+    if top_k is not None and top_k >= model.vocab_size:
+        values["top_k"] = 0  # keeps every token anyway
+    return SamplingParams(**values)
+
+
+def _logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise InvalidRequest(f"logit_bias keys must be token ids, got {key!r}.", param="logit_bias") from None
+        if not 0 <= token < vocab_size:
+            raise InvalidRequest(
+                f"logit_bias token id {token} is out of range for a vocabulary of {vocab_size} tokens.", param="logit_bias"
+            )
+        out[token] = value
+    return out
+
+
+def stream_usage(request: SamplingRequest) -> bool:
+    """Whether a stream ends with a usage chunk; stream_options without stream is refused, as OpenAI does."""
+    if request.stream_options is not None and not request.stream:
+        raise InvalidRequest("The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options")
+    return bool(request.stream_options and request.stream_options.include_usage)

@@ -1,0 +1,96 @@
+"""A real uvicorn server on 127.0.0.1 (free port) in a thread, serving the demo model; shared by the API tests."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from server.api.app import build_app
+from server.api.serve import DrainingServer, uvicorn_config
+from server.config import EngineArgs, ServerConfig
+from server.demo import ensure_demo_model
+from server.engine.client import EngineClient
+from server.engine.core import EngineCore
+
+API_KEY = "test-key"
+ENGINE_FLAGS = dict(dtype="float32", max_model_len=512, kv_cache_memory=0.25, max_num_seqs=48)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    base_url: str
+    port: int
+    core: EngineCore
+    client: EngineClient
+    app: object
+    server: DrainingServer
+    thread: threading.Thread
+    api_key: str | None
+    headers: dict = field(default_factory=dict)
+
+    @property
+    def state(self):
+        return self.app.state.server
+
+    @property
+    def model_name(self) -> str:
+        return self.core.model_config.served_model_names[0]
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    def wait_idle(self, timeout: float = 5.0) -> float:
+        """Seconds until the engine holds no request and no KV block (raises after `timeout`)."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.core.block_pool.usage == 0 and not self.core.has_unfinished() and self.state.num_in_flight == 0:
+                return time.monotonic() - started
+            time.sleep(0.005)
+        raise AssertionError(
+            f"engine not idle after {timeout}s: usage={self.core.block_pool.usage}, "
+            f"unfinished={self.core.has_unfinished()}, in_flight={self.state.num_in_flight}"
+        )
+
+
+def start_server(api_key: str | None = API_KEY, engine_overrides: dict | None = None, **server_kwargs) -> RunningServer:
+    model = str(ensure_demo_model())
+    core = EngineCore(EngineArgs(model=model, **{**ENGINE_FLAGS, **(engine_overrides or {})}))
+    client = EngineClient(core)
+    port = free_port()
+    config = ServerConfig(host="127.0.0.1", port=port, api_key=api_key, **server_kwargs)
+    app = build_app(client, config)
+    server = DrainingServer(uvicorn_config(app, config), app.state.server)
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return RunningServer(f"http://127.0.0.1:{port}", port, core, client, app, server, thread, api_key, headers)
+
+
+@pytest.fixture(scope="session")
+def api_server():
+    running = start_server(max_request_body_bytes=1 << 20)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def offline_llm():
+    from server.llm import LLM
+
+    return LLM(str(ensure_demo_model()), **ENGINE_FLAGS)
