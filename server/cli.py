@@ -8,6 +8,7 @@ import logging
 import sys
 import typing
 
+from server.bench import cli as bench_cli
 from server.config import EngineArgs, ServerConfig
 from server.errors import ConfigError, PagedServeError
 
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("make-demo-model", help="Write the built-in demo model to DIR.")
     demo.add_argument("dir")
 
+    bench_cli.register(commands)
     return parser
 
 

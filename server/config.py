@@ -100,7 +100,10 @@ class EngineArgs:
         )
         need(self.kv_cache_memory is None or self.kv_cache_memory > 0, f"--kv-cache-memory must be > 0 GiB, got {self.kv_cache_memory}.")
         need(0 < self.gpu_memory_utilization <= 1, f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
-        need(self.max_queued_requests is None or self.max_queued_requests >= 0, "--max-queued-requests must be >= 0.")
+        need(
+            self.max_queued_requests is None or self.max_queued_requests >= 1,
+            f"--max-queued-requests must be at least 1 (every request waits before it runs), got {self.max_queued_requests}.",
+        )
         need(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}.")
 
     def served_names(self, model: str) -> tuple[str, ...]:

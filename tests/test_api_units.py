@@ -38,6 +38,12 @@ class FakeClient:
     def start(self) -> None:
         self.is_alive = True
 
+    def set_step_listener(self, on_step) -> None:
+        pass
+
+    def startup_info(self) -> dict:
+        return {"phases": {}, "block_size": 16, "num_blocks": 1, "cache_dtype": "float32", "prefix_caching": True}
+
     def shutdown(self, timeout: float = 10.0) -> None:
         self.is_alive = False
 
@@ -80,7 +86,7 @@ def test_api_key_from_env_and_admin_routes(fake, monkeypatch):
 
 
 def test_placeholder_model_names(fake):
-    state = ServerState.build(fake, ServerConfig(), registry=None)
+    state = ServerState.build(fake, ServerConfig())
     assert state.model.resolve(None) == state.model.resolve("tgi") == state.model.resolve("dummy") == "fake"
     with pytest.raises(Exception) as info:
         state.model.resolve("other")
@@ -88,7 +94,7 @@ def test_placeholder_model_names(fake):
 
 
 def test_engine_ids_stay_unique(fake):
-    state = ServerState.build(fake, ServerConfig(), registry=None)
+    state = ServerState.build(fake, ServerConfig())
     first = state.claim_ids("abc", 1)
     second = state.claim_ids("abc", 1)
     multi = state.claim_ids("abc", 2)

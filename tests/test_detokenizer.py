@@ -52,3 +52,11 @@ def test_earliest_of_several_stop_strings_wins(tokenizer):
     pieces, detok = _run(tokenizer, "x y END z HALT", stop=["HALT", "END"])
     assert "".join(pieces) == "x y "
     assert detok.stopped_by == "END"
+
+
+def test_an_unfinished_utf8_sequence_at_the_end_is_flushed_like_decode(tokenizer):
+    ids = tokenizer.encode("ok 🙂")
+    cut = ids[:-1]  # the emoji's last byte-token is missing
+    detok = IncrementalDetokenizer(tokenizer.backend_tokenizer, [], [], False, True)
+    text = "".join(detok.step(t) for t in cut) + detok.flush()
+    assert text == tokenizer.decode(cut) and text.endswith("\ufffd")

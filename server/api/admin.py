@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 import server
 from server.api.prompts import chat_prompt, encode_chat
@@ -49,7 +49,7 @@ async def version() -> dict:
 
 @ops_router.get("/metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(get_state(request).registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 def _card(state: ServerState, name: str) -> ModelCard:

@@ -9,10 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
 
 from fastapi import Depends, FastAPI
-from prometheus_client import CollectorRegistry
 
 import server
 from server.api import admin, chat, completions
@@ -26,8 +24,10 @@ from server.engine.client import EngineClient
 logger = logging.getLogger(__name__)
 
 
-def build_app(client: EngineClient, server_config: ServerConfig, registry: Any = None) -> FastAPI:
-    state = ServerState.build(client, server_config, registry if registry is not None else CollectorRegistry())
+def build_app(client: EngineClient, server_config: ServerConfig) -> FastAPI:
+    state = ServerState.build(client, server_config)
+    client.set_step_listener(state.metrics.observe_step)
+    state.metrics.set_startup(**client.startup_info())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

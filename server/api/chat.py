@@ -91,7 +91,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     plan = _plan(body, state, rid)
     if body.stream:
         generation = await unless_disconnected(request, open_generation(state, rid, [plan.prompt_ids], plan.params))
-        return SSEResponse(sse_stream(_stream(plan, state, generation)), on_close=generation.aclose)
+        return SSEResponse(sse_stream(_stream(plan, state, generation), state.metrics.count_failure), on_close=generation.aclose)
 
     async def complete() -> JSONResponse:
         generation = await open_generation(state, rid, [plan.prompt_ids], plan.params)

@@ -79,7 +79,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     if body.stream:
         generation = await unless_disconnected(request, open_generation(state, rid, prompt_ids, plan.params))
         events = _stream(plan, state, generation)
-        return SSEResponse(sse_stream(events), on_close=generation.aclose)
+        return SSEResponse(sse_stream(events, state.metrics.count_failure), on_close=generation.aclose)
 
     async def complete() -> JSONResponse:
         generation = await open_generation(state, rid, prompt_ids, plan.params)

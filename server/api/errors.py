@@ -38,6 +38,22 @@ class ClientGone(Exception):
     """The client disconnected before its response was ready; nothing can be sent any more."""
 
 
+def failure_reason(exc: BaseException) -> str | None:
+    """The `reason` label of pagedserve:request_failures_total for an error (None: not a failure)."""
+    if isinstance(exc, ClientGone):
+        return "disconnected"
+    if isinstance(exc, ShuttingDown):
+        return "draining"
+    if isinstance(exc, Overloaded):
+        return "overloaded"
+    if isinstance(exc, EngineDead):
+        return "engine_error"
+    status = to_http(exc)[0]
+    if status == 401:
+        return "unauthorized"
+    return "validation" if 400 <= status < 500 else "engine_error"
+
+
 def error_body(message: str, error_type: str, status: int, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": error_type, "param": param, "code": status}}
 
@@ -70,6 +86,8 @@ def error_response(exc: BaseException) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     async def handle(request: Request, exc: Exception) -> JSONResponse:
         status, _, _ = to_http(exc)
+        if not isinstance(exc, ClientGone):  # a disconnect is counted where the generation closes
+            request.app.state.server.metrics.count_failure(failure_reason(exc))
         if status >= 500 and not isinstance(exc, PagedServeError):
             logger.error("Unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return error_response(exc)

@@ -37,6 +37,7 @@ class Generation:
         self._buffer: list[tuple] = []
         self._open = len(prompts)
         self._closed = False
+        self._failed = False  # an error ended it (counted where the error is answered)
 
     async def start(self) -> None:
         """Submit every prompt; return once each produced its first delta, or raise the first refusal."""
@@ -46,6 +47,7 @@ class Generation:
         while len(admitted) < len(self._prompts):
             item = await self._queue.get()
             if item[0] == _ERROR:
+                self._failed = True
                 raise item[2]
             self._buffer.append(item)
             admitted.add(item[1])
@@ -70,6 +72,7 @@ class Generation:
             item = self._buffer.pop(0) if self._buffer else await self._queue.get()
             kind, index, payload = item
             if kind == _ERROR:
+                self._failed = True
                 raise payload
             if kind == _END:
                 self._open -= 1
@@ -82,6 +85,8 @@ class Generation:
             return
         self._closed = True
         self._state.untrack(self)
+        if self._open and not self._failed:  # left before the end without an error: the client went away
+            self._state.metrics.count_failure("disconnected")
         for task in self._tasks:
             task.cancel()
         if self._tasks:

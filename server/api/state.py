@@ -20,6 +20,7 @@ from server.api.logprobs import TokenText
 from server.config import ServerConfig
 from server.engine.client import EngineClient
 from server.errors import ModelNotFound
+from server.metrics import Metrics
 
 if TYPE_CHECKING:
     from server.api.generation import Generation
@@ -86,7 +87,7 @@ class ServerState:
     client: EngineClient
     config: ServerConfig
     model: ModelInfo
-    registry: Any  # the prometheus_client registry /metrics exposes
+    metrics: Metrics  # every Prometheus metric of this server; /metrics renders it
     tokens: TokenText  # token id -> display text and bytes, cached
     api_key: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
@@ -96,11 +97,12 @@ class ServerState:
     _engine_ids: set[str] = field(default_factory=set)
 
     @classmethod
-    def build(cls, client: EngineClient, config: ServerConfig, registry: Any) -> ServerState:
+    def build(cls, client: EngineClient, config: ServerConfig) -> ServerState:
         key = config.api_key or os.environ.get("PAGEDSERVE_API_KEY") or None
         model = ModelInfo.from_client(client)
         tokens = TokenText(model.tokenizer)
-        return cls(client=client, config=config, model=model, registry=registry, tokens=tokens, api_key=key)
+        metrics = Metrics(model.names[0], model.max_model_len)
+        return cls(client=client, config=config, model=model, metrics=metrics, tokens=tokens, api_key=key)
 
     # ---- request ids ----------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from server.api.errors import ClientGone, to_http
+from server.api.errors import ClientGone, failure_reason, to_http
 
 logger = logging.getLogger(__name__)
 
@@ -25,13 +25,15 @@ def sse_event(payload: dict) -> bytes:
     return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def sse_stream(events: AsyncIterator[dict]) -> AsyncIterator[bytes]:
+async def sse_stream(events: AsyncIterator[dict], on_error: Callable[[str], None] | None = None) -> AsyncIterator[bytes]:
     """Frame `events` as SSE; an error after the stream started becomes a final error event. Ends with [DONE]."""
     try:
         async for payload in events:
             yield sse_event(payload)
     except Exception as exc:  # the status line is sent: the error can only travel in the stream
         status, body, _ = to_http(exc)
+        if on_error is not None:
+            on_error(failure_reason(exc))
         if status >= 500 and status != 503:
             logger.error("Stream failed", exc_info=exc)
         yield sse_event(body)

@@ -24,7 +24,7 @@ _HUNG_AFTER_S = 120.0  # a step that takes longer than this marks the engine as 
 
 
 class EngineClient:
-    def __init__(self, core: EngineCore, on_step: Callable[[StepStats, list[RequestOutput]], None] | None = None):
+    def __init__(self, core: EngineCore, on_step: Callable[[StepStats], None] | None = None):
         self.core = core
         self._on_step = on_step
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -37,6 +37,10 @@ class EngineClient:
 
     # ---- lifecycle ------------------------------------------------------------------------
 
+    def set_step_listener(self, on_step: Callable[[StepStats], None]) -> None:
+        """Called on the engine thread after every step (metrics); set before start()."""
+        self._on_step = on_step
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="engine-core", daemon=True)
         self._thread.start()
@@ -45,6 +49,17 @@ class EngineClient:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def startup_info(self) -> dict:
+        """Start-up phase timings and the KV cache layout, for the metrics."""
+        core = self.core
+        return {
+            "phases": core.startup_phases(),
+            "block_size": core.cache_config.block_size,
+            "num_blocks": core.runner.num_blocks,
+            "cache_dtype": str(core.runner.dtype).removeprefix("torch."),
+            "prefix_caching": core.cache_config.enable_prefix_caching,
+        }
 
     @property
     def is_alive(self) -> bool:
@@ -102,14 +117,14 @@ class EngineClient:
                 self._drain_inbox(block=not self.core.has_unfinished())
                 if not self.core.has_unfinished():
                     if busy and self._on_step is not None:  # went idle: let the gauges see it
-                        self._on_step(self.core.snapshot_stats(), [])
+                        self._on_step(self.core.snapshot_stats())
                     busy = False
                     continue
                 busy = True
                 outputs, stats = self.core.step()
                 self._deliver(outputs)
                 if self._on_step is not None:
-                    self._on_step(stats, outputs)
+                    self._on_step(stats)
         except Exception as exc:  # the loop must never die silently
             logger.exception("The engine loop died")
             self.dead_reason = f"{type(exc).__name__}: {exc}"

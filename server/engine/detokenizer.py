@@ -19,6 +19,8 @@ class IncrementalDetokenizer:
         self._tokenizer = backend_tokenizer
         prime = prompt_token_ids[-_PRIME_TOKENS:]
         self._stream = DecodeStream(ids=prime or None, skip_special_tokens=skip_special_tokens)
+        self._skip_special_tokens = skip_special_tokens
+        self._ids: list[int] = []
         self._stop = stop
         self._include_stop = include_stop
         self._max_stop_len = max((len(s) for s in stop), default=0)
@@ -27,6 +29,7 @@ class IncrementalDetokenizer:
         self.stopped_by: str | None = None
 
     def step(self, token_id: int) -> str:
+        self._ids.append(token_id)
         piece = self._stream.step(self._tokenizer, token_id) or ""
         if self.stopped_by is not None:
             return ""
@@ -42,6 +45,11 @@ class IncrementalDetokenizer:
         """Release whatever is held back (the choice ended for another reason)."""
         if self.stopped_by is not None:
             return ""
+        # Bytes of an unfinished UTF-8 sequence still wait in the stream: decode them as a whole
+        # decode would (with replacement characters), so the text ends where the tokens end.
+        full = self._tokenizer.decode(self._ids, skip_special_tokens=self._skip_special_tokens)
+        if len(full) > len(self.text) and full.startswith(self.text):
+            self.text = full
         return self._release(len(self.text))
 
     def _find_stop(self, before: int) -> int | None:
