@@ -44,7 +44,7 @@ class StepStats:
     num_waiting: int = 0
     kv_usage: float = 0.0
     num_batched_tokens: int = 0
-    num_prompt_tokens: int = 0  # tokens run for prefill (not decode) this step
+    num_prompt_tokens: int = 0  # prompt tokens of the requests whose first token came this step
     num_generated_tokens: int = 0
     num_preempted: int = 0
     step_seconds: float = 0.0

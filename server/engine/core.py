@@ -160,9 +160,6 @@ class EngineCore:
                 if choice is not None and choice.first_scheduled_time is None:
                     choice.first_scheduled_time = now
             result = self.runner.execute(batch)
-            for seq in batch.seqs:
-                if seq.start < seq.request.num_prompt_tokens:
-                    stats.num_prompt_tokens += min(seq.end, seq.request.num_prompt_tokens) - seq.start
             self.scheduler.update(batch, result.sampled)
             for seq in batch.seqs:
                 choice = self._choices.get(seq.request.request_id)
@@ -188,6 +185,7 @@ class EngineCore:
         if choice.first_token_time is None:
             choice.first_token_time = now
             stats.ttfts.append(now - request.arrival_time)
+            stats.num_prompt_tokens += request.num_prompt_tokens
         else:
             stats.inter_token_latencies.append(now - choice.last_token_time)
         choice.last_token_time = now
