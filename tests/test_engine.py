@@ -133,3 +133,8 @@ def test_start_up_errors_are_clear(tmp_path):
         LLM(str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="Unknown engine argument"):
         LLM(str(ensure_demo_model()), not_a_flag=1)
+
+
+def test_a_kv_cache_larger_than_memory_is_refused_clearly():
+    with pytest.raises(ConfigError, match="kv-cache-memory"):
+        LLM(str(ensure_demo_model()), dtype="float32", max_model_len=256, kv_cache_memory=4096)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -22,6 +23,18 @@ logger = logging.getLogger(__name__)
 
 _GiB = 1 << 30
 _DEFAULT_CPU_KV_GIB = 4.0
+
+
+def _available_memory_bytes() -> int | None:
+    """Memory the OS can still give this process (MemAvailable), or None where it cannot say."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 @dataclass
@@ -91,6 +104,12 @@ class ModelRunner:
             else:  # enough for every sequence at full length, within a default ceiling
                 tokens = self.scheduler_config.max_num_seqs * self.scheduler_config.max_model_len
                 budget = min(_DEFAULT_CPU_KV_GIB * _GiB, -(-tokens // self.block_size) * per_block)
+            available = _available_memory_bytes()
+            if available is not None and budget > 0.9 * available:
+                raise ConfigError(
+                    f"The KV cache needs {budget / _GiB:.2f} GiB but only {available / _GiB:.2f} GiB of memory is "
+                    f"available after loading the model; lower --kv-cache-memory (or --max-num-seqs / --max-model-len)."
+                )
             num_blocks = int(budget // per_block)
         needed = -(-self.scheduler_config.max_model_len // self.block_size)
         if num_blocks < 1:
