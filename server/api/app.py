@@ -13,7 +13,7 @@ import logging
 from fastapi import Depends, FastAPI
 
 import server
-from server.api import admin, chat, completions
+from server.api import admin, chat, completions, tgi
 from server.api.auth import require_admin_key, require_api_key
 from server.api.errors import install_error_handlers
 from server.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
@@ -54,8 +54,8 @@ def build_app(client: EngineClient, server_config: ServerConfig) -> FastAPI:
     app.include_router(admin.model_router, dependencies=inference)
     app.include_router(completions.router, dependencies=inference)
     app.include_router(chat.router, dependencies=inference)
-    # TGI's /generate, /generate_stream and /info join here, behind the same key:
-    # app.include_router(tgi.router, dependencies=inference)
+    # TGI's /generate, /generate_stream, POST / and /info, behind the same key:
+    app.include_router(tgi.router, dependencies=inference)
 
     # Outermost last: the request id and access log also cover 413 answers.
     app.add_middleware(BodyLimitMiddleware, max_bytes=server_config.max_request_body_bytes)
