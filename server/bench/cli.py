@@ -109,6 +109,15 @@ def register(commands) -> None:
     add_client_flags(compare)
     compare.set_defaults(func=cmd_compare)
 
+    report = sub.add_parser("report", help="Render the Markdown table and chart again from `bench compare` JSON files.")
+    report.add_argument("json", nargs="+")
+    report.add_argument("--no-chart", action="store_true")
+    report.set_defaults(func=lambda ns: __import__("server.bench.compare", fromlist=["rerender"]).rerender(ns.json, not ns.no_chart))
+
+    from server.bench.profile import register as register_profile
+
+    register_profile(sub)
+
     make = sub.add_parser("make-model", help="Write a benchmark model (random weights) to DIR.")
     make.add_argument("dir")
     make.add_argument("--name", default="llama-125m")

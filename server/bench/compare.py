@@ -107,7 +107,7 @@ class VllmServer:
                 "--", "--max-num-seqs", str(ns.max_num_seqs), "--max-num-batched-tokens", str(ns.max_num_batched_tokens)]
 
     def start(self) -> int:
-        out = subprocess.run(self.command(), capture_output=True, text=True, env=dict(os.environ))
+        out = subprocess.run(self.command(), capture_output=True, text=True, env=dict(os.environ), check=False)
         if out.returncode != 0:
             raise RuntimeError(f"vLLM peer failed to start:\n{out.stderr[-3000:]}")
         self.pid = int(out.stdout.strip().splitlines()[-1])
@@ -116,8 +116,21 @@ class VllmServer:
 
     def stop(self) -> None:
         if self.pid:
-            subprocess.run(["bash", str(self.script), "stop", str(self.pid)], capture_output=True, text=True)
+            subprocess.run(["bash", str(self.script), "stop", str(self.pid)], capture_output=True, text=True, check=False)
             self.pid = None
+
+
+def source_revision() -> str | None:
+    """Commit of our server's code (with +dirty when tracked files differ), for the record."""
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=False).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
 
 
 def default_name(ns: argparse.Namespace) -> str:
@@ -147,6 +160,7 @@ def run_compare(ns: argparse.Namespace) -> int:
     spec = workload_from(ns)
     ns.served_model = None
     results: dict[str, list[dict[str, Any]]] = {s: [] for s in order}
+    revision = source_revision()
     for round_index in range(ns.rounds):
         for server_name in order:
             log = out_dir / f"{name}.{server_name}.r{round_index}.log"
@@ -173,6 +187,7 @@ def run_compare(ns: argparse.Namespace) -> int:
         "workload": spec.describe(),
         "sweep": [{"request_rate": "inf" if math.isinf(r) else r, "max_concurrency": c} for r, c in points],
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "pagedserve_revision": revision,
         "results": results,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
@@ -191,6 +206,22 @@ def run_compare(ns: argparse.Namespace) -> int:
             print("[compare] matplotlib is not installed (pip install 'pagedserve[bench]'): no chart")
     failed = sum(run["failed"] for sweeps in results.values() for sweep in sweeps for run in sweep["runs"])
     return 0 if failed == 0 else 1
+
+
+def rerender(paths: list[str], chart: bool = True) -> int:
+    """Markdown (and the sweep chart) again from saved compare JSON files."""
+    import json
+
+    for path in paths:
+        report = json.loads(Path(path).read_text("utf-8"))
+        markdown = format_markdown(report)
+        Path(path).with_suffix(".md").write_text(markdown + "\n", "utf-8")
+        print(markdown + "\n")
+        if chart and len(report["sweep"]) > 1:
+            from server.bench.plot import plot_sweep
+
+            plot_sweep(report, Path(path).with_suffix(".png"))
+    return 0
 
 
 def _strip_requests(report: dict[str, Any]) -> dict[str, Any]:
@@ -239,6 +270,8 @@ def point_figures(report: dict[str, Any], server: str, index: int) -> dict[str, 
         "goodput": med(lambda r: r["goodput"]["request_goodput"] if "goodput" in r else None),
         "prefix_hit": med(lambda r: (r.get("server_metrics") or {}).get("prefix_cache_hit_rate")),
         "cpu_s": med(lambda r: (r.get("server_process") or {}).get("cpu_seconds")),
+        "tok_per_cpu_s": med(lambda r: r["total_output_tokens"] / r["server_process"]["cpu_seconds"]
+                             if (r.get("server_process") or {}).get("cpu_seconds") else None),
         "rss_mib": med(lambda r: (r.get("server_process") or {}).get("peak_rss_mib")),
         "failed": sum(r["failed"] for r in runs),
         "load": [round(r["loadavg_start"][0], 1) for r in runs if r.get("loadavg_start")],
@@ -258,6 +291,7 @@ ROWS = (
     ("goodput", "goodput (req/s)", 2),
     ("prefix_hit", "prefix cache hit rate", 2),
     ("cpu_s", "server CPU s", 1),
+    ("tok_per_cpu_s", "output tok per server CPU s", 1),
     ("rss_mib", "server peak RSS (MiB)", 0),
 )
 
@@ -266,9 +300,10 @@ def format_markdown(report: dict[str, Any]) -> str:
     servers = list(report["results"])
     s = report["settings"]
     lines = [
-        f"**{report['name']}** — {report['workload']}, endpoint {s['endpoint']}, {s['dtype']}, "
-        f"{s['threads']} compute thread(s), max-model-len {s['max_model_len']}, KV {s['kv_cache_gib']:g} GiB, "
-        f"max-num-seqs {s['max_num_seqs']}, {s['rounds']} round(s) (median shown), {report['date']}",
+        (f"**{report['name']}** — {report['workload']}, endpoint {s['endpoint']}, {s['dtype']}, "
+         f"{s['threads']} compute thread(s), max-model-len {s['max_model_len']}, KV {s['kv_cache_gib']:g} GiB, "
+         f"max-num-seqs {s['max_num_seqs']}, {s['rounds']} round(s) (median shown), {report['date']}, "
+         f"pagedserve at {report.get('pagedserve_revision') or 'unknown revision'}"),
         "",
     ]
     both = "pagedserve" in servers and "vllm" in servers
@@ -277,7 +312,6 @@ def format_markdown(report: dict[str, Any]) -> str:
     for i in range(len(report["sweep"])):
         figs = {srv: point_figures(report, srv, i) for srv in servers}
         label = next((f["label"] for f in figs.values() if f), "")
-        loads = "; ".join(f"{srv} {','.join(map(str, f['load']))}" for srv, f in figs.items() if f)
         for key, title, digits in ROWS:
             values = [figs[srv].get(key) for srv in servers]
             if all(v is None for v in values):
@@ -286,14 +320,14 @@ def format_markdown(report: dict[str, Any]) -> str:
             ratio = ""
             if both:
                 a, b = figs["pagedserve"].get(key), figs["vllm"].get(key)
-                ratio = f" | {a / b:.2f}" if a is not None and b not in (None, 0) else " | -"
+                # a latency of ~0 (tokens that arrive in one burst) makes no meaningful ratio
+                ratio = f" | {a / b:.2f}" if a is not None and b is not None and abs(b) >= 0.05 else " | -"
             lines.append(f"| {label} | {title} | " + " | ".join(cells) + ratio + " |")
         lines.append(f"| {label} | load avg at start | " + " | ".join(
             ",".join(map(str, figs[srv].get("load", []))) or "-" for srv in servers) + (" | |" if both else " |"))
         fails = [figs[srv].get("failed", 0) for srv in servers]
         if any(fails):
             lines.append(f"| {label} | failed requests | " + " | ".join(map(str, fails)) + (" | |" if both else " |"))
-        del loads
     lines.append("")
     lines.append("Ratios are ours / vLLM: above 1 is better for throughput and goodput, worse for latencies.")
     return "\n".join(lines)

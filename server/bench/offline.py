@@ -36,8 +36,8 @@ def _torch_dtype(name: str):
 def run_pagedserve(ns: argparse.Namespace, prompts: list[list[int]], outputs: list[int]) -> tuple[float, int]:
     from server import LLM, SamplingParams
 
-    kwargs = dict(dtype=ns.dtype, max_model_len=ns.max_model_len, kv_cache_memory=ns.kv_cache_memory,
-                  max_num_seqs=ns.max_num_seqs)
+    kwargs = {"dtype": ns.dtype, "max_model_len": ns.max_model_len, "kv_cache_memory": ns.kv_cache_memory,
+              "max_num_seqs": ns.max_num_seqs}
     if ns.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = ns.max_num_batched_tokens
     llm = LLM(ns.model, **kwargs)
@@ -86,7 +86,6 @@ def run_hf(ns: argparse.Namespace, prompts: list[list[int]], outputs: list[int])
         out = generate(chunk, max(outs))
         made += sum(min(o, out.shape[1] - max(len(p) for p in chunk)) for o, p in zip(outs, chunk))
     elapsed = time.perf_counter() - start
-    del model
     return elapsed, made
 
 

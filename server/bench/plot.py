@@ -41,8 +41,12 @@ def plot_sweep(report: dict[str, Any], path: str | Path) -> Path:
             ax.set_xscale("log", base=2)
             ax.set_xticks(xs, [str(x) for x in xs])
         ax.legend(fontsize=8)
-    axes[1].set_yscale("log")
-    axes[2].set_yscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    for ax in axes[1:]:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:e}"[0] in "25" else ""))
     s = report["settings"]
     fig.suptitle(f"{report['name']}: {report['workload']} ({s['dtype']}, {s['threads']} compute thread(s), {report['date']})",
                  fontsize=10)

@@ -22,7 +22,13 @@ from tqdm.auto import tqdm
 
 from server.bench.client import RequestResult, build_payload, send_request
 from server.bench.datasets import BenchRequest, WorkloadSpec, build_workload
-from server.bench.stats import ProcessMonitor, load_average, metrics_delta, parse_prometheus, summarize
+from server.bench.stats import (
+    ProcessMonitor,
+    load_average,
+    metrics_delta,
+    parse_prometheus,
+    summarize,
+)
 
 
 @dataclass
@@ -118,10 +124,15 @@ async def run_once(config: RunConfig, requests: list[BenchRequest], model: str,
             bar.update(1)
             return result
 
-        tasks = []
+        # Arrivals follow absolute times (t0 + the sum of the gaps so far), so a busy event loop
+        # delays a request but never shifts the whole schedule; the worst lag is reported.
+        tasks, due, lag = [], 0.0, 0.0
         for gap, req in zip(arrival_gaps(len(requests), config.request_rate, config.burstiness, config.seed), requests):
-            if gap > 0:
-                await asyncio.sleep(gap)
+            due += gap
+            delay = t0 + due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            lag = max(lag, time.perf_counter() - t0 - due)
             tasks.append(asyncio.create_task(one(req)))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - t0
@@ -135,6 +146,7 @@ async def run_once(config: RunConfig, requests: list[BenchRequest], model: str,
         "request_rate": "inf" if math.isinf(config.request_rate) else config.request_rate,
         "max_concurrency": config.max_concurrency,
         "num_prompts": len(requests),
+        "max_arrival_lag_s": lag,
         "server_metrics": metrics_delta(before, after),
         "server_process": process,
         "loadavg_start": load_start,
@@ -226,6 +238,8 @@ def format_table(s: dict[str, Any], title: str = "Serving Benchmark Result") -> 
     row("Max concurrency:", s["max_concurrency"])
     row("Peak concurrent requests:", s["peak_concurrency"])
     row("Benchmark duration (s):", s["duration_s"])
+    if s.get("max_arrival_lag_s") is not None and s["request_rate"] != "inf":
+        row("Max arrival lag behind schedule (s):", s["max_arrival_lag_s"])
     row("Total input tokens:", s["total_input_tokens"])
     row("Total generated tokens:", s["total_output_tokens"])
     row("Request throughput (req/s):", s["request_throughput"])

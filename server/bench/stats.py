@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import threading
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
