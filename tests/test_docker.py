@@ -84,3 +84,32 @@ def test_dockerignore_keeps_the_context_small():
     assert ignore[0] == "*" or "*" in ignore
     for needed in ("!pyproject.toml", "!README.md", "!server/", "!kernels/"):
         assert needed in ignore
+
+
+def test_cli_starts_with_runtime_dependencies_only():
+    """The image installs `pip install .` (no extras): the CLI and the server must not import test or
+    bench extras when they start, or `pagedserve make-demo-model` fails during the image build and
+    `pagedserve serve` fails in the container."""
+    import subprocess
+    import sys
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = {re.split(r"[<>=!~\[ ;]", d)[0].lower().replace("-", "_") for d in project["dependencies"]}
+    extras = {
+        re.split(r"[<>=!~\[ ;]", d)[0].lower().replace("-", "_")
+        for deps in project.get("optional-dependencies", {}).values()
+        for d in deps
+    } - runtime
+    code = (
+        "import sys\n"
+        f"for name in {sorted(extras)!r}: sys.modules[name] = None\n"
+        "from server.cli import build_parser\n"
+        "import server.api.serve, server.api.app\n"
+        "build_parser().parse_args(['serve', '--help'])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    # --help exits 0 after printing the serve flags
+    assert proc.returncode == 0 and "--served-model-name" in proc.stdout, (
+        f"`pagedserve serve --help` needs an optional extra ({sorted(extras)}):\n{proc.stderr[-2000:]}"
+    )
