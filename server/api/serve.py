@@ -71,9 +71,20 @@ def uvicorn_config(app, server_config: ServerConfig) -> uvicorn.Config:
     )
 
 
+def _exit_while_loading(sig: int, frame: FrameType | None) -> None:
+    logger.info("Received %s while loading the model: exiting", signal.Signals(sig).name)
+    raise SystemExit(0)
+
+
 def run_server(engine_args: EngineArgs, server_config: ServerConfig) -> int:
     configure_logging(server_config.log_format)
-    client = EngineClient(EngineCore(engine_args))
+    # Until uvicorn installs its draining handlers, a SIGTERM (a pod deleted during a download)
+    # ends the process at once instead of waiting out the grace period.
+    previous = signal.signal(signal.SIGTERM, _exit_while_loading)
+    try:
+        client = EngineClient(EngineCore(engine_args))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     app = build_app(client, server_config)
     server = DrainingServer(uvicorn_config(app, server_config), app.state.server)
     server.run()

@@ -308,6 +308,8 @@ def _build(
     with _quiet_progress():
         model.save_pretrained(out, safe_serialization=True)
     (out / "README.md").write_text(_model_card(name, architecture, config.to_dict()), "utf-8")
+    for path in out.iterdir():  # safetensors writes its file owner-only; a model directory is shared
+        path.chmod(0o644)
     return out
 
 
