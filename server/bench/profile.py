@@ -120,26 +120,28 @@ def format_offline_profile(p: dict[str, Any]) -> str:
 
 # ---- py-spy on a live server --------------------------------------------------------------
 
-CATEGORIES = (  # first match wins, tested against each frame from the innermost outwards
-    ("attention kernel", ("paged_attention", "kernels/batched.py", "kernels/reference.py:paged")),
+CATEGORIES = (  # in priority order: a stack belongs to the first part any of its frames names
+    ("attention kernel", ("paged_attention", "kernels/batched.py")),
     ("model forward", ("server/runner/models/", "server/runner/layers/", "kernels/", "torch/nn/")),
     ("sampling", ("server/runner/sampler.py",)),
     ("runner: build inputs", ("_prepare",)),
     ("scheduler", ("server/scheduler/",)),
     ("detokenize + emit", ("detokenizer.py", "_emit")),
     ("tokenize / chat template", ("tokenization", "tokenizers", "jinja2", "api/prompts.py")),
-    ("HTTP / API / SSE", ("server/api/", "uvicorn", "starlette", "fastapi", "h11", "httptools", "pydantic", "json/")),
-    ("asyncio event loop", ("asyncio/",)),
+    ("engine -> API hand-off", ("_deliver", "call_soon_threadsafe")),
+    ("event loop waiting", ("selectors.py",)),
+    ("HTTP / API / SSE", ("server/api/", "uvicorn", "starlette", "fastapi", "h11", "httptools", "pydantic",
+                          "json/", "_SelectorSocketTransport")),
+    ("asyncio other", ("asyncio/",)),
     ("engine loop", ("server/engine/",)),
 )
 
 
 def categorize(stack: str) -> str:
     frames = stack.split(";")
-    for frame in reversed(frames):
-        for name, needles in CATEGORIES:
-            if any(n in frame for n in needles):
-                return name
+    for name, needles in CATEGORIES:
+        if any(n in frame for frame in frames for n in needles):
+            return name
     return "other"
 
 
