@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from kernels import batched, reference
+from kernels import batched, cpu_linear, reference
 
 BACKENDS = ("auto", "reference", "batched")
 
@@ -23,11 +23,16 @@ class Ops:
     silu_and_mul: Callable[..., torch.Tensor]
     apply_rotary: Callable[..., torch.Tensor]
     backend: str = "reference"
+    # Linear layers: `pack_linear(weight)` once after loading (None: keep the plain weight), then
+    # `linear(x, packed, bias)` every step.
+    pack_linear: Callable[[torch.Tensor], torch.Tensor] | None = None
+    linear: Callable[..., torch.Tensor] | None = None
 
 
-def get_ops(device: torch.device, backend: str = "auto") -> Ops:
+def get_ops(device: torch.device, backend: str = "auto", dtype: torch.dtype = torch.float32) -> Ops:
     """The ops for ``device``. ``auto`` picks the fastest backend that runs there; ``reference`` is the
-    plain-torch oracle; ``batched`` batches all decode sequences of a step into one attention call."""
+    plain-torch oracle; ``batched`` batches all decode sequences of a step into one attention call and,
+    on CPU, runs the linear layers on oneDNN-packed weights."""
     if backend == "auto":
         backend = "batched"
     if backend not in BACKENDS:
@@ -40,4 +45,9 @@ def get_ops(device: torch.device, backend: str = "auto") -> Ops:
         silu_and_mul=reference.silu_and_mul,
         apply_rotary=reference.apply_rotary,
         backend=backend,
+        **(
+            {"pack_linear": cpu_linear.pack, "linear": cpu_linear.linear}
+            if backend == "batched" and cpu_linear.available(device, dtype)
+            else {}
+        ),
     )

@@ -67,11 +67,16 @@ class ModelRunner:
         previous_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
+            ops = get_ops(self.device, dtype=self.dtype)
             with self.device:
-                self.model = model_class(hf_config, get_ops(self.device))
+                self.model = model_class(hf_config, ops)
         finally:
             torch.set_default_dtype(previous_dtype)
         loader.load_weights(self.model, model_config.path, self.dtype)
+        if ops.pack_linear is not None and not model_config.enforce_eager:
+            for module in self.model.modules():
+                if hasattr(module, "pack"):
+                    module.pack(ops.pack_linear, ops.linear)
         self.model.eval()
         self.vocab_size = hf_config.vocab_size
         self.times.load_weights_s = time.perf_counter() - started

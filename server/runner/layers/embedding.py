@@ -32,6 +32,16 @@ class LMHead(nn.Module):
         else:
             self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
             self.weight.weight_loader = default_weight_loader
+        self.packed: torch.Tensor | None = None
+
+    def pack(self, pack_fn, linear_fn) -> None:
+        """Use a packed copy of the weight; a tied weight stays (the embedding still reads it)."""
+        self.packed = pack_fn(self.weight)
+        self.packed_linear = linear_fn
+        if not self.tied:
+            self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return self.packed_linear(hidden, self.packed, None).float()
         return F.linear(hidden, self.weight).float()

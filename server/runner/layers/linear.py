@@ -39,9 +39,18 @@ class _Linear(nn.Module):
             self.bias.weight_loader = default_weight_loader
         else:
             self.register_parameter("bias", None)
+        self.packed: torch.Tensor | None = None  # set by pack() after loading, on backends that pack
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return self.packed_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def pack(self, pack_fn, linear_fn) -> None:
+        """Use a packed copy of the loaded weight from now on (and free the plain one)."""
+        self.packed = pack_fn(self.weight)
+        self.packed_linear = linear_fn
+        self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
 
     def extra_repr(self) -> str:
         return f"in={self.input_size}, out={self.output_size}, bias={self.bias is not None}"

