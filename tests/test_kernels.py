@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from kernels import batched, reference
+from kernels import batched, cpu_linear, reference
+from kernels.ops import get_ops
 from kernels.metadata import AttentionMetadata
 
 
@@ -83,13 +84,10 @@ def test_store_then_attend_reads_only_written_slots():
     torch.testing.assert_close(out, reference.paged_attention(q, k_cache, v_cache, meta, 0.3), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not __import__("kernels.cpu_linear").cpu_linear.available(torch.device("cpu"), torch.float32),
-                    reason="this torch build has no oneDNN")
+@pytest.mark.skipif(not cpu_linear.available(torch.device("cpu"), torch.float32), reason="this torch build has no oneDNN")
 @pytest.mark.parametrize("rows", [1, 5, 32, 300])
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_cpu_linear_matches_f_linear(rows, bias):
-    from kernels import cpu_linear
-
     gen = torch.Generator().manual_seed(rows)
     weight = torch.randn(96, 64, generator=gen)
     b = torch.randn(96, generator=gen) if bias else None
@@ -99,7 +97,5 @@ def test_packed_cpu_linear_matches_f_linear(rows, bias):
 
 
 def test_the_cpu_backend_packs_linears_and_the_reference_does_not():
-    from kernels.ops import get_ops
-
     assert get_ops(torch.device("cpu"), "reference").pack_linear is None
     assert get_ops(torch.device("cpu"), "batched", torch.float16).pack_linear is None
