@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 
+import httpx
 import pytest
 
 from server.api.app import build_app
@@ -94,3 +100,35 @@ def offline_llm():
     from server.llm import LLM
 
     return LLM(str(ensure_demo_model()), **ENGINE_FLAGS)
+
+
+@contextlib.contextmanager
+def serve_in_subprocess(model: str, *flags: str, timeout: float = 120.0):
+    """`python -m server serve MODEL` in its own process group on a free port; yields (base_url, pid)
+    once /health answers, and stops the whole group afterwards."""
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    cmd = [sys.executable, "-m", "server", "serve", model, "--port", str(port), "--dtype", "float32", *flags]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server did not start in {timeout:.0f} s")
+            time.sleep(0.25)
+        yield url, proc.pid
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

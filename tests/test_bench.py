@@ -7,14 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 
-import httpx
 import pytest
 
 from server.bench.datasets import (
@@ -26,13 +19,8 @@ from server.bench.datasets import (
 from server.bench.serve import arrival_gaps
 from server.bench.stats import metrics_delta, parse_goodput, parse_prometheus
 from server.cli import main as cli_main
+from api_server import serve_in_subprocess
 from server.demo import ensure_demo_model
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -50,33 +38,9 @@ def tokenizer(demo_dir):
 @pytest.fixture(scope="module")
 def served(demo_dir):
     """Our server in its own process on the demo model; yields (base_url, pid)."""
-    port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
-    cmd = [sys.executable, "-m", "server", "serve", demo_dir, "--port", str(port), "--dtype", "float32",
-           "--max-model-len", "512", "--kv-cache-memory", "0.125", "--max-num-seqs", "16", "--disable-access-log"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited: {proc.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("server did not start in 120 s")
-            time.sleep(0.25)
-        yield url, proc.pid
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    flags = ("--max-model-len", "512", "--kv-cache-memory", "0.125", "--max-num-seqs", "16", "--disable-access-log")
+    with serve_in_subprocess(demo_dir, *flags) as running:
+        yield running
 
 
 def _bench(served, tmp_path, *extra: str) -> dict:

@@ -9,16 +9,13 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
+from api_server import serve_in_subprocess
 from server.demo import ensure_demo_model
 
 # Never import locust here: it monkey-patches the process with gevent. It runs as its own process.
@@ -27,42 +24,11 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("locust") is None, reas
 LOCUSTFILE = Path(__file__).resolve().parents[1] / "loadtests" / "locustfile.py"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def server_url():
-    port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
-    cmd = [sys.executable, "-m", "server", "serve", str(ensure_demo_model()), "--port", str(port),
-           "--dtype", "float32", "--max-model-len", "512", "--kv-cache-memory", "0.125", "--max-num-seqs", "8",
-           "--disable-access-log"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited: {proc.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("server did not start in 120 s")
-            time.sleep(0.25)
+    flags = ("--max-model-len", "512", "--kv-cache-memory", "0.125", "--max-num-seqs", "8", "--disable-access-log")
+    with serve_in_subprocess(str(ensure_demo_model()), *flags) as (url, _pid):
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def test_locust_streaming_users(server_url, tmp_path):
