@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -132,3 +133,29 @@ def serve_in_subprocess(model: str, *flags: str, timeout: float = 120.0):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def disconnect_mid_request(server: RunningServer, path: str, body: dict, streaming: bool) -> None:
+    """Send `body` to `path` on a raw socket, wait until the engine holds KV blocks for it (and the
+    stream started), then drop the connection: the abort must free every block at the next step."""
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {server.api_key}\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + payload)
+    if streaming:
+        received = b""
+        while b"data: " not in received:  # the stream started
+            chunk = sock.recv(4096)
+            assert chunk, received
+            received += chunk
+    deadline = time.monotonic() + 10
+    while server.core.block_pool.usage == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    time.sleep(0.1)
+    sock.close()
+    # hundreds of decode steps would take seconds; the abort frees everything at the next step
+    assert server.wait_idle(timeout=2.0) < 1.0

@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import time
 
 import httpx
 import pytest
-from api_server import start_server
+from api_server import disconnect_mid_request, start_server
 
 from server.request import SamplingParams
 
@@ -115,36 +114,11 @@ def test_no_cross_talk(api_server):
 # ---- disconnects ----------------------------------------------------------------------------------
 
 
-def _raw_request(server, body: dict) -> socket.socket:
-    payload = json.dumps(body).encode()
-    sock = socket.create_connection(("127.0.0.1", server.port))
-    head = (
-        f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        f"Authorization: Bearer {server.api_key}\r\nContent-Length: {len(payload)}\r\n\r\n"
-    )
-    sock.sendall(head.encode() + payload)
-    return sock
-
-
 @pytest.mark.parametrize("stream", [True, False])
 def test_disconnect_aborts(api_server, stream):
     api_server.wait_idle()
     body = {"prompt": "Go on and on", "max_tokens": 480, "min_tokens": 480, "temperature": 0, "stream": stream}
-    sock = _raw_request(api_server, body)
-    if stream:
-        received = b""
-        while b"data: " not in received:  # the stream started
-            chunk = sock.recv(4096)
-            assert chunk, received
-            received += chunk
-    deadline = time.monotonic() + 10
-    while api_server.core.block_pool.usage == 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    time.sleep(0.1)
-    sock.close()
-    # 480 decode steps would take seconds; the abort frees everything at the next step
-    assert api_server.wait_idle(timeout=2.0) < 1.0
+    disconnect_mid_request(api_server, "/v1/completions", body, streaming=stream)
     assert post(api_server, "/v1/completions", {"prompt": "still there?", "max_tokens": 2}).status_code == 200
 
 

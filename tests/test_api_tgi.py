@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import time
 
 import httpx
 import pytest
-from api_server import start_server
+from api_server import disconnect_mid_request, start_server
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import HfHubHTTPError, ValidationError
 
@@ -264,26 +262,7 @@ def test_overload_is_429_overloaded(small_server):
 @pytest.mark.parametrize("path", ["/generate_stream", "/generate"])
 def test_disconnect_frees_kv_blocks(api_server, path):
     api_server.wait_idle()
-    body = json.dumps({"inputs": "Go on and on", "parameters": {"max_new_tokens": 480, "ignore_eos": True}}).encode()
-    sock = socket.create_connection(("127.0.0.1", api_server.port))
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        f"Authorization: Bearer {api_server.api_key}\r\nContent-Length: {len(body)}\r\n\r\n"
-    )
-    sock.sendall(head.encode() + body)
-    if path == "/generate_stream":
-        received = b""
-        while b"data: " not in received:  # the stream started
-            chunk = sock.recv(4096)
-            assert chunk, received
-            received += chunk
-    deadline = time.monotonic() + 10
-    while api_server.core.block_pool.usage == 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    time.sleep(0.1)
-    sock.close()
-    # 480 decode steps would take seconds; the abort frees everything at the next step
-    assert api_server.wait_idle(timeout=2.0) < 1.0
+    body = {"inputs": "Go on and on", "parameters": {"max_new_tokens": 480, "ignore_eos": True}}
+    disconnect_mid_request(api_server, path, body, streaming=path == "/generate_stream")
     again = post(api_server, "/generate", {"inputs": "still there?", "parameters": {"max_new_tokens": 2}})
     assert again.status_code == 200
