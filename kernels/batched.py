@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.metadata import AttentionMetadata
-from kernels.reference import _gather_context
+from kernels.reference import _gather_context, causal_mask
 
 
 @dataclass
@@ -94,11 +94,7 @@ def paged_attention(
         if query_len == seq_len and sliding_window is None:
             o = F.scaled_dot_product_attention(query, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != num_kv_heads)
         else:
-            q_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)[:, None]
-            k_pos = torch.arange(seq_len, device=q.device)[None, :]
-            mask = k_pos <= q_pos
-            if sliding_window is not None:
-                mask &= k_pos > q_pos - sliding_window
+            mask = causal_mask(query_len, seq_len, sliding_window, q.device)
             o = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != num_kv_heads)
         out[first : first + query_len] = o.transpose(0, 1)
     return out

@@ -35,6 +35,16 @@ def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
     return cache.index_select(0, blocks).flatten(0, 1)[:seq_len]
 
 
+def causal_mask(query_len: int, seq_len: int, sliding_window: int | None, device) -> torch.Tensor:
+    """[query_len, seq_len] bool: which keys each query (at the sequence's last positions) may see."""
+    q_pos = torch.arange(seq_len - query_len, seq_len, device=device)[:, None]
+    k_pos = torch.arange(seq_len, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if sliding_window is not None:
+        mask &= k_pos > q_pos - sliding_window
+    return mask
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -60,11 +70,7 @@ def paged_attention(
             continue
         k = _gather_context(k_cache, meta.block_tables[i], seq_len)
         v = _gather_context(v_cache, meta.block_tables[i], seq_len)
-        q_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)[:, None]
-        k_pos = torch.arange(seq_len, device=q.device)[None, :]
-        mask = k_pos <= q_pos
-        if sliding_window is not None:
-            mask &= k_pos > q_pos - sliding_window
+        mask = causal_mask(query_len, seq_len, sliding_window, q.device)
         o = F.scaled_dot_product_attention(
             q[start:end].transpose(0, 1).float(),
             k.transpose(0, 1).float(),
