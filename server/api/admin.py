@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 import server
-from server.api.prompts import chat_prompt, encode_chat
+from server.api.prompts import encode_chat, render_chat
 from server.api.protocol import (
     ERROR_RESPONSES,
     DetokenizeRequest,
@@ -81,14 +81,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     if body.messages is not None:
         if not body.messages:
             raise InvalidRequest("messages must not be empty.", param="messages")
-        text = chat_prompt(
-            state.model,
-            body.messages,
-            add_generation_prompt=body.add_generation_prompt is not False,
-            continue_final_message=bool(body.continue_final_message),
-            tools=body.tools,
-            template_kwargs=body.chat_template_kwargs,
-        )
+        text = render_chat(state.model, body)
         tokens = encode_chat(state.model, text) if not body.add_special_tokens else list(tokenizer.encode(text))
     else:
         tokens = list(tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False))

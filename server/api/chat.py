@@ -12,7 +12,7 @@ from server.api.choices import Choice, make_usage, now
 from server.api.generation import Generation, open_generation
 from server.api.logprobs import chat_logprobs
 from server.api.middleware import request_id
-from server.api.prompts import chat_prompt, encode_chat
+from server.api.prompts import encode_chat, render_chat
 from server.api.protocol import (
     ERROR_RESPONSES,
     ChatChoice,
@@ -64,14 +64,7 @@ def _plan(body: ChatCompletionRequest, state: ServerState, rid: str) -> _Plan:
     model_name = state.model.resolve(body.model)
     _check_unsupported(body)
     include_usage = stream_usage(body)
-    text = chat_prompt(
-        state.model,
-        body.messages,
-        add_generation_prompt=body.add_generation_prompt is not False,
-        continue_final_message=bool(body.continue_final_message),
-        tools=body.tools,
-        template_kwargs=body.chat_template_kwargs,
-    )
+    text = render_chat(state.model, body)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = build_sampling_params(body, state.model, max_tokens=max_tokens, logprobs=top_logprobs)

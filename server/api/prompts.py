@@ -116,6 +116,18 @@ def chat_prompt(
         raise InvalidRequest(f"The chat template could not render these messages: {exc}", param="messages") from exc
 
 
+def render_chat(model: ModelInfo, body) -> str:
+    """`chat_prompt` with the template options of a request body (chat completions or /tokenize)."""
+    return chat_prompt(
+        model,
+        body.messages,
+        add_generation_prompt=body.add_generation_prompt is not False,
+        continue_final_message=bool(body.continue_final_message),
+        tools=body.tools,
+        template_kwargs=body.chat_template_kwargs,
+    )
+
+
 def encode_chat(model: ModelInfo, text: str) -> list[int]:
     """A rendered conversation -> token ids; the template wrote every special token already."""
     return list(model.tokenizer.encode(text, add_special_tokens=False))
