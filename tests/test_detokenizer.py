@@ -60,3 +60,13 @@ def test_an_unfinished_utf8_sequence_at_the_end_is_flushed_like_decode(tokenizer
     detok = IncrementalDetokenizer(tokenizer.backend_tokenizer, [], [], False, True)
     text = "".join(detok.step(t) for t in cut) + detok.flush()
     assert text == tokenizer.decode(cut) and text.endswith("\ufffd")
+
+
+def test_stop_strings_are_ignored_until_check_stop(tokenizer):
+    """Before min_tokens the engine passes check_stop=False: a stop string then neither cuts nor waits."""
+    detok = IncrementalDetokenizer(tokenizer.backend_tokenizer, [], ["STOP"], False, True)
+    ids = tokenizer.encode("a STOP b STOP c")
+    first = tokenizer.encode("a STOP b")
+    pieces = [detok.step(t, check_stop=i >= len(first)) for i, t in enumerate(ids)]
+    assert detok.stopped_by == "STOP"
+    assert "".join(pieces) == "a STOP b "

@@ -54,6 +54,8 @@ def test_max_tokens_and_stop_strings(llm):
     assert cut.text == full.text[: full.text.index(stop)]
     kept = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, stop=[stop], include_stop_str_in_output=True), use_tqdm=False)
     assert kept[0].outputs[0].text == full.text[: full.text.index(stop) + len(stop)]
+    held = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, min_tokens=24, stop=[stop]), use_tqdm=False)
+    assert held[0].outputs[0].text == full.text and held[0].outputs[0].finish_reason == "length"
 
 
 def test_stop_token_ids_and_min_tokens(llm):

@@ -193,7 +193,7 @@ class EngineCore:
         if ended_by_token and not request.params.include_stop_str_in_output:
             text = choice.detok.flush()  # EOS or a stop token id: not part of the text
         else:
-            text = choice.detok.step(token)
+            text = choice.detok.step(token, check_stop=request.num_output_tokens >= request.params.min_tokens)
         if choice.detok.stopped_by is not None and not request.status.finished:
             self.scheduler.finish(request.request_id, RequestStatus.FINISHED_STOPPED)
             request.stop_reason = choice.detok.stopped_by

@@ -28,13 +28,16 @@ class IncrementalDetokenizer:
         self.sent = 0  # characters of `text` already released
         self.stopped_by: str | None = None
 
-    def step(self, token_id: int) -> str:
+    def step(self, token_id: int, check_stop: bool = True) -> str:
+        """The text now safe to send. `check_stop=False` (before min_tokens) ignores stop strings."""
         self._ids.append(token_id)
         piece = self._stream.step(self._tokenizer, token_id) or ""
         if self.stopped_by is not None:
             return ""
         before = len(self.text)
         self.text += piece
+        if not check_stop:
+            return self._release(len(self.text))
         if self._stop and piece:
             cut = self._find_stop(before)
             if cut is not None:
@@ -53,7 +56,7 @@ class IncrementalDetokenizer:
         return self._release(len(self.text))
 
     def _find_stop(self, before: int) -> int | None:
-        start = max(0, before - self._max_stop_len + 1)
+        start = max(self.sent, before - self._max_stop_len + 1)  # released text holds no stop string
         best: tuple[int, str] | None = None
         for s in self._stop:
             at = self.text.find(s, start)
