@@ -43,10 +43,6 @@ class SamplingParams:
             self.top_k = 0
         self.validate()
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < 1e-5 or self.top_k == 1
-
     def validate(self) -> None:
         def bad(param: str, message: str) -> InvalidRequest:
             return InvalidRequest(message, param=param)

@@ -123,14 +123,9 @@ class EngineCore:
         return self.scheduler.has_unfinished()
 
     def startup_phases(self) -> dict[str, float]:
+        """Seconds per start-up phase; phases this engine does not run (compile, warm-up) are absent."""
         times = self.runner.times
-        return {
-            "download": self.download_seconds,
-            "load_weights": times.load_weights_s,
-            "kv_cache": times.kv_cache_s,
-            "compile": 0.0,
-            "warmup": times.warmup_s,
-        }
+        return {"download": self.download_seconds, "load_weights": times.load_weights_s, "kv_cache": times.kv_cache_s}
 
     def snapshot_stats(self) -> StepStats:
         """The engine's state between steps (for the gauges once it goes idle)."""

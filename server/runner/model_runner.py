@@ -48,7 +48,6 @@ class RunnerOutput:
 class StartupTimes:
     load_weights_s: float = 0.0
     kv_cache_s: float = 0.0
-    warmup_s: float = 0.0
 
 
 class ModelRunner:
@@ -195,7 +194,7 @@ class ModelRunner:
         slots: list[int] = []
         query_lens, seq_lens, tables = [], [], []
         sample_rows: list[int] = []  # flat row of the last token of each sampling seq
-        prompt_rows: list[tuple[str, list[int], list[int]]] = []  # (request id, rows, target token ids)
+        prompt_rows: list[tuple[Request, list[int], list[int]]] = []  # (request, rows, target token ids)
         bs = self.block_size
         for seq in batch.seqs:
             req = seq.request
@@ -213,7 +212,7 @@ class ModelRunner:
                 last = min(seq.end, req.num_prompt_tokens - 1)  # position `last` predicts nothing in the prompt
                 rows = list(range(offset, offset + last - seq.start))
                 targets = req.all_token_ids[seq.start + 1 : last + 1]
-                prompt_rows.append((req.request_id, rows, targets))
+                prompt_rows.append((req, rows, targets))
         width = max(len(t) for t in tables)
         table = torch.zeros((len(tables), width), dtype=torch.int32)
         for i, blocks in enumerate(tables):
@@ -243,12 +242,11 @@ class ModelRunner:
         input_ids, positions, meta, sample_rows, prompt_rows = self._prepare(batch)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
 
-        for request_id, rows, targets in prompt_rows:
-            req = next(s.request for s in batch.seqs if s.request.request_id == request_id)
+        for req, rows, targets in prompt_rows:
             logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows]), dim=-1)
             target = torch.tensor(targets, dtype=torch.long, device=self.device)
             count = req.params.prompt_logprobs or 0
-            out.prompt_logprobs[request_id] = gather_logprobs(logprobs, target, [count] * len(rows))
+            out.prompt_logprobs[req.request_id] = gather_logprobs(logprobs, target, [count] * len(rows))
 
         if not sample_rows:
             return out
