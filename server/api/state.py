@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from fastapi import Request
 
@@ -19,11 +19,8 @@ from server.api.errors import ShuttingDown
 from server.api.logprobs import TokenText
 from server.config import ServerConfig
 from server.engine.client import EngineClient
-from server.errors import ModelNotFound
+from server.errors import ModelNotFound, PagedServeError
 from server.metrics import Metrics
-
-if TYPE_CHECKING:
-    from server.api.generation import Generation
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +68,12 @@ class ModelInfo:
         raise ModelNotFound(f"The model `{name}` does not exist. Served: {', '.join(self.names)}.", param="model")
 
 
+class InFlight(Protocol):
+    """Work in flight, as draining sees it (a Generation): it can be ended with an error."""
+
+    def fail(self, error: PagedServeError) -> None: ...
+
+
 def _start_token_id(tokenizer, eos_token_ids: tuple[int, ...]) -> int:
     if tokenizer.bos_token_id is not None:
         return int(tokenizer.bos_token_id)
@@ -93,7 +96,7 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     loaded: bool = False
     draining: bool = False
-    _active: set[Generation] = field(default_factory=set)
+    _active: set[InFlight] = field(default_factory=set)
     _engine_ids: set[str] = field(default_factory=set)
 
     @classmethod
@@ -122,11 +125,11 @@ class ServerState:
 
     # ---- in-flight work and draining ------------------------------------------------------
 
-    def track(self, generation: Generation) -> None:
-        self._active.add(generation)
+    def track(self, work: InFlight) -> None:
+        self._active.add(work)
 
-    def untrack(self, generation: Generation) -> None:
-        self._active.discard(generation)
+    def untrack(self, work: InFlight) -> None:
+        self._active.discard(work)
 
     @property
     def num_in_flight(self) -> int:
@@ -153,8 +156,8 @@ class ServerState:
             await asyncio.sleep(0.05)
         if self._active:
             logger.warning("Shutdown timeout: aborting %d unfinished request(s)", len(self._active))
-            for generation in list(self._active):
-                generation.fail(ShuttingDown("The server shut down before the request finished."))
+            for work in list(self._active):
+                work.fail(ShuttingDown("The server shut down before the request finished."))
             flush_deadline = time.monotonic() + 5.0
             while self._active and time.monotonic() < flush_deadline:
                 await asyncio.sleep(0.05)
