@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import logging
 import re
-import secrets
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import APIRouter, Request
@@ -33,27 +31,17 @@ from fastapi.routing import APIRoute
 
 import server
 from server.api.errors import ClientGone, failure_reason, to_http
-from server.api.generation import Generation, open_generation
+from server.api.generation import open_generation
 from server.api.middleware import request_id
-from server.api.state import ServerState, get_state
+from server.api.state import get_state
 from server.api.streaming import SSEResponse, sse_event, unless_disconnected
-from server.api.tgi_protocol import (
-    ERROR_RESPONSES,
-    GenerateParameters,
-    GenerateRequest,
-    GenerateResponse,
-    Info,
-    StreamResponse,
-)
-from server.engine.messages import RequestOutput
-from server.errors import ContextTooLong, InvalidRequest, PagedServeError
-from server.request import SamplingParams, TokenLogprob
+from server.api.tgi_plan import MAX_STOP_SEQUENCES, plan_request
+from server.api.tgi_protocol import ERROR_RESPONSES, GenerateRequest, GenerateResponse, Info, StreamResponse
+from server.api.tgi_responses import collect, stream_events
+from server.errors import PagedServeError
 
 logger = logging.getLogger(__name__)
 
-MAX_STOP_SEQUENCES = 4  # TGI's default --max-stop-sequences
-MAX_TOP_N_TOKENS = 5  # TGI's default --max-top-n-tokens
-_LOGPROB_FLOOR = -9999.0  # -inf does not fit in JSON
 # TGI's error kinds, by this server's status; other statuses carry no error_type (TGI has none for them).
 _ERROR_TYPES = {400: "validation", 429: "overloaded", 500: "generation"}
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
@@ -100,126 +88,6 @@ def _error_response(request: Request, exc: Exception) -> JSONResponse:
     if status >= 500 and not isinstance(exc, PagedServeError):
         logger.error("Unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return JSONResponse(body, status_code=status, headers=headers)
-
-
-# ---- request -> plan ---------------------------------------------------------------------------
-
-
-@dataclass
-class _Plan:
-    """One TGI request, checked and translated for the engine."""
-
-    inputs: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    details: bool
-    prefill: bool  # decoder_input_details: the prompt tokens with their logprobs
-    top_n: int
-    return_full_text: bool
-    seed: int | None  # the sampling seed details report; None when greedy
-    special_ids: frozenset[int]
-
-
-def _bad(message: str, param: str) -> InvalidRequest:
-    return InvalidRequest(message, param=f"parameters.{param}")
-
-
-def _check_parameters(p: GenerateParameters, stream: bool, state: ServerState) -> None:
-    """TGI's checks with TGI's messages, and clear refusals of what this server does not do."""
-    if p.best_of not in (None, 1):
-        raise _bad("`best_of` != 1 is not allowed for this endpoint", "best_of")
-    if p.temperature is not None and p.temperature <= 0:
-        raise _bad("`temperature` must be strictly positive", "temperature")
-    if p.repetition_penalty is not None and p.repetition_penalty <= 0:
-        raise _bad("`repetition_penalty` must be strictly positive", "repetition_penalty")
-    if p.frequency_penalty is not None and not -2 <= p.frequency_penalty <= 2:
-        raise _bad("`frequency_penalty` must be >= -2.0 and <= 2.0", "frequency_penalty")
-    if p.top_p is not None and not 0 < p.top_p < 1:
-        raise _bad("`top_p` must be > 0.0 and < 1.0", "top_p")
-    if p.top_k is not None and p.top_k <= 0:
-        raise _bad("`top_k` must be strictly positive", "top_k")
-    if p.max_new_tokens is not None and p.max_new_tokens <= 0:
-        raise _bad("`max_new_tokens` must be strictly positive", "max_new_tokens")
-    if p.stop and len(p.stop) > MAX_STOP_SEQUENCES:
-        raise _bad(f"`stop` supports up to {MAX_STOP_SEQUENCES} stop sequences. Given: {len(p.stop)}", "stop")
-    if p.top_n_tokens is not None and not 0 <= p.top_n_tokens <= MAX_TOP_N_TOKENS:
-        raise _bad(f"`top_n_tokens` must be >= 0 and <= {MAX_TOP_N_TOKENS}. Given: {p.top_n_tokens}", "top_n_tokens")
-    if stream and p.decoder_input_details:
-        raise _bad("`decoder_input_details` == true is not supported when streaming tokens", "decoder_input_details")
-    if p.typical_p is not None:
-        raise _bad("`typical_p` is not supported by this server: leave it unset.", "typical_p")
-    if p.watermark:
-        raise _bad("`watermark` is not supported by this server: leave it unset or false.", "watermark")
-    if p.grammar is not None:
-        raise _bad("`grammar` is not supported by this server: leave it unset.", "grammar")
-    if p.adapter_id is not None and p.adapter_id not in state.model.names:
-        served = ", ".join(state.model.names)
-        message = f"`adapter_id` {p.adapter_id!r} is not served: this server has no LoRA adapters (serves {served})."
-        raise _bad(message, "adapter_id")
-
-
-def _decoding(p: GenerateParameters, vocab_size: int) -> dict:
-    """Greedy unless TGI would sample (`do_sample or has_warpers`); sampling always has a seed, drawn
-    at random when none is given, so that details can report it."""
-    sampling = bool(p.do_sample) or p.temperature not in (None, 1.0) or p.top_k is not None or p.top_p is not None
-    if not sampling:
-        return {"temperature": 0.0}
-    return {
-        "temperature": p.temperature or 1.0,
-        "top_p": p.top_p or 1.0,
-        "top_k": p.top_k if p.top_k is not None and p.top_k < vocab_size else 0,  # all of them: off
-        "seed": p.seed if p.seed is not None else secrets.randbits(63),
-    }
-
-
-def _plan(body: GenerateRequest, state: ServerState, stream: bool) -> _Plan:
-    p = body.parameters or GenerateParameters()
-    _check_parameters(p, stream, state)
-    if not body.inputs:
-        raise InvalidRequest("`inputs` cannot be empty", param="inputs")
-    max_total = state.model.max_model_len
-    max_input = max_total - 1
-    if p.truncate is not None and not 0 < p.truncate <= max_input:
-        raise _bad(f"`truncate` must be strictly positive and less than {max_input}. Given: {p.truncate}", "truncate")
-    prompt_ids = list(state.model.tokenizer.encode(body.inputs))
-    if p.truncate is not None:
-        prompt_ids = prompt_ids[-p.truncate :]  # TGI keeps the end of the prompt
-    num_input = len(prompt_ids)
-    max_new = p.max_new_tokens  # None: up to the context length
-    if max_new is not None and num_input + max_new > max_total:
-        raise ContextTooLong(
-            f"`inputs` tokens + `max_new_tokens` must be <= {max_total}. "
-            f"Given: {num_input} `inputs` tokens and {max_new} `max_new_tokens`",
-            param="parameters.max_new_tokens",
-        )
-    if num_input > max_input:
-        raise ContextTooLong(f"`inputs` must have less than {max_input} tokens. Given: {num_input}", param="inputs")
-
-    decoding = _decoding(p, state.model.vocab_size)
-    details = bool(p.details or p.decoder_input_details)
-    top_n = p.top_n_tokens or 0
-    params = SamplingParams(
-        **decoding,
-        repetition_penalty=1.0 if p.repetition_penalty is None else p.repetition_penalty,
-        frequency_penalty=p.frequency_penalty or 0.0,
-        stop=list(p.stop or []),
-        include_stop_str_in_output=True,
-        ignore_eos=bool(p.ignore_eos),
-        max_tokens=max_new,
-        logprobs=top_n if details or stream else None,  # every streamed token carries its logprob
-        prompt_logprobs=0 if p.decoder_input_details else None,
-    )
-    return _Plan(
-        inputs=body.inputs,
-        prompt_ids=prompt_ids,
-        params=params,
-        details=details,
-        prefill=bool(p.decoder_input_details),
-        top_n=top_n,
-        return_full_text=bool(p.return_full_text),
-        seed=decoding.get("seed"),
-        special_ids=frozenset(state.model.tokenizer.all_special_ids),
-    )
 
 
 # ---- routes ------------------------------------------------------------------------------------
@@ -294,16 +162,16 @@ def _commit_sha(path: str) -> str | None:
 async def _generate(body: GenerateRequest, request: Request, *, stream: bool, as_list: bool) -> Response:
     state = get_state(request)
     rid = request_id(request)
-    plan = _plan(body, state, stream)
+    plan = plan_request(body, state, stream)
     if stream:
         generation = await unless_disconnected(request, open_generation(state, rid, [plan.prompt_ids], plan.params))
-        events = tgi_sse(_stream(plan, state, generation), state.metrics.count_failure)
+        events = tgi_sse(stream_events(plan, state, generation), state.metrics.count_failure)
         return SSEResponse(events, on_close=generation.aclose)
 
     async def complete() -> JSONResponse:
         generation = await open_generation(state, rid, [plan.prompt_ids], plan.params)
         try:
-            result = await _collect(plan, state, generation)
+            result = await collect(plan, state, generation)
         finally:
             await generation.aclose()
         return JSONResponse([result] if as_list else result)
@@ -311,105 +179,7 @@ async def _generate(body: GenerateRequest, request: Request, *, stream: bool, as
     return await unless_disconnected(request, complete())
 
 
-# ---- responses ---------------------------------------------------------------------------------
-
-
-def _logprob(value: float) -> float:
-    return max(_LOGPROB_FLOOR, value)
-
-
-def _token(plan: _Plan, token_id: int, text: str, logprob: float | None) -> dict:
-    logprob = None if logprob is None else _logprob(logprob)
-    return {"id": token_id, "text": text, "logprob": logprob, "special": token_id in plan.special_ids}
-
-
-def _tokens(plan: _Plan, state: ServerState, out: RequestOutput) -> list[tuple[dict, list[dict]]]:
-    """Each token of a delta (one in practice) with its top alternatives. The delta's text goes to its
-    last token; a special token (EOS) adds its own text, which generated_text leaves out, as TGI does."""
-    entries: list[TokenLogprob | None] = list(out.logprobs or [None] * len(out.token_ids))
-    last = len(out.token_ids) - 1
-    result = []
-    for i, (token_id, lp) in enumerate(zip(out.token_ids, entries)):
-        text = out.text if i == last else ""
-        if token_id in plan.special_ids:
-            text += state.tokens.text(token_id)
-        token = _token(plan, token_id, text, lp.logprob if lp else None)
-        top = [_token(plan, t, state.tokens.text(t), v) for t, v in lp.top[: plan.top_n]] if lp else []
-        result.append((token, top))
-    return result
-
-
-def _finish_reason(out: RequestOutput) -> str:
-    if out.finish_reason == "stop":  # a stop string, else EOS (or a stop token id)
-        return "stop_sequence" if isinstance(out.stop_reason, str) else "eos_token"
-    return "length"
-
-
-def _prefill(plan: _Plan, state: ServerState, prompt_logprobs: list[TokenLogprob | None] | None) -> list[dict]:
-    if not plan.prefill:
-        return []
-    entries = prompt_logprobs or [None] * len(plan.prompt_ids)
-    return [
-        {"id": token_id, "text": state.tokens.text(token_id), "logprob": None if lp is None else _logprob(lp.logprob)}
-        for token_id, lp in zip(plan.prompt_ids, entries)
-    ]
-
-
-async def _collect(plan: _Plan, state: ServerState, generation: Generation) -> dict:
-    text: list[str] = []
-    tokens: list[dict] = []
-    top_tokens: list[list[dict]] = []
-    prompt_logprobs = None
-    finish_reason, generated_tokens = "length", 0
-    async for _, out in generation:
-        text.append(out.text)
-        if out.prompt_logprobs is not None:
-            prompt_logprobs = out.prompt_logprobs
-        if plan.details:
-            for token, top in _tokens(plan, state, out):
-                tokens.append(token)
-                top_tokens.append(top)
-        generated_tokens = out.num_output_tokens
-        if out.finish_reason is not None:
-            finish_reason = _finish_reason(out)
-    result: dict = {"generated_text": (plan.inputs if plan.return_full_text else "") + "".join(text)}
-    if plan.details:
-        details = {
-            "finish_reason": finish_reason,
-            "generated_tokens": generated_tokens,
-            "seed": plan.seed,
-            "prefill": _prefill(plan, state, prompt_logprobs),
-            "tokens": tokens,
-        }
-        if plan.top_n:
-            details["top_tokens"] = top_tokens
-        result["details"] = details
-    return result
-
-
-async def _stream(plan: _Plan, state: ServerState, generation: Generation) -> AsyncIterator[dict]:
-    text: list[str] = []
-    index = 0
-    async for _, out in generation:
-        text.append(out.text)
-        events = []
-        for token, top in _tokens(plan, state, out):
-            index += 1
-            event = {"index": index, "token": token}
-            if plan.top_n:
-                event["top_tokens"] = top
-            events.append({**event, "generated_text": None, "details": None})
-        if out.finish_reason is not None and events:
-            events[-1]["generated_text"] = (plan.inputs if plan.return_full_text else "") + "".join(text)
-            if plan.details:
-                events[-1]["details"] = {
-                    "finish_reason": _finish_reason(out),
-                    "generated_tokens": out.num_output_tokens,
-                    "seed": plan.seed,
-                    "input_length": len(plan.prompt_ids),
-                }
-        for event in events:
-            yield event
+# ---- TGI's server-sent events -------------------------------------------------------------------
 
 
 async def tgi_sse(events: AsyncIterator[dict], on_error: Callable[[str], None]) -> AsyncIterator[bytes]:

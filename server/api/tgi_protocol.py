@@ -2,7 +2,7 @@
 POST / and /info, with TGI's field names and shapes (what huggingface_hub's InferenceClient parses).
 
 Requests are strict in types and unknown fields, as everywhere in this API; TGI's range rules are
-checked in `tgi.py` with TGI's own messages. Response models document the wire format in
+checked in `tgi_plan.py` with TGI's own messages. Response models document the wire format in
 /openapi.json; the handlers build plain dicts of the same shape.
 """
 
@@ -20,7 +20,7 @@ DEFAULT_MAX_NEW_TOKENS = 100  # TGI >= 2.0 (TGI 0.x and 1.x used 20)
 
 
 class GenerateParameters(StrictModel):
-    """TGI's `parameters`. None (or absent) means TGI's default; see tgi.py for how they map."""
+    """TGI's `parameters`. None (or absent) means TGI's default; see tgi_plan.py for how they map."""
 
     best_of: int | None = Field(None, description="Only 1 (or null): best-of sampling is not supported.")
     decoder_input_details: bool | None = Field(None, description="Return the prompt tokens with their logprobs.")
