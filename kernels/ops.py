@@ -9,7 +9,7 @@ import torch
 
 from kernels import batched, cpu_linear, reference
 
-BACKENDS = ("auto", "reference", "batched")
+BACKENDS = ("auto", "reference", "batched", "triton")
 
 
 @dataclass(frozen=True)
@@ -32,14 +32,22 @@ class Ops:
 def get_ops(device: torch.device, backend: str = "auto", dtype: torch.dtype = torch.float32) -> Ops:
     """The ops for ``device``. ``auto`` picks the fastest backend that runs there; ``reference`` is the
     plain-torch oracle; ``batched`` batches all decode sequences of a step into one attention call and,
-    on CPU, runs the linear layers on oneDNN-packed weights."""
+    on CPU, runs the linear layers on oneDNN-packed weights; ``triton`` (the default on CUDA) stores
+    K/V and attends over the paged cache in place with the kernels of ``kernels.triton``."""
     if backend == "auto":
-        backend = "batched"
+        backend = "triton" if device.type == "cuda" else "batched"
     if backend not in BACKENDS:
         raise ValueError(f"Unknown kernel backend {backend!r} for device {device}. Available: {', '.join(BACKENDS)}")
+    store_kvcache, paged_attention = reference.store_kvcache, reference.paged_attention
+    if backend == "batched":
+        paged_attention = batched.paged_attention
+    elif backend == "triton":
+        from kernels.triton import kv_store, paged_attention as triton_attention  # imports triton: only here
+
+        store_kvcache, paged_attention = kv_store.store_kvcache, triton_attention.paged_attention
     return Ops(
-        store_kvcache=reference.store_kvcache,
-        paged_attention=batched.paged_attention if backend == "batched" else reference.paged_attention,
+        store_kvcache=store_kvcache,
+        paged_attention=paged_attention,
         rms_norm=reference.rms_norm,
         fused_add_rms_norm=reference.fused_add_rms_norm,
         silu_and_mul=reference.silu_and_mul,

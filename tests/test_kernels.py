@@ -2,44 +2,12 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
+from kernel_cases import random_step
 from kernels import batched, cpu_linear, reference
 from kernels.ops import get_ops
-from kernels.metadata import AttentionMetadata
-
-
-def _random_step(seed: int, block_size: int, num_blocks: int, lens: list[tuple[int, int]], device="cpu"):
-    """A flat batch of sequences given as (query_len, seq_len), with shuffled block tables."""
-    rng = random.Random(seed)
-    free = list(range(num_blocks))
-    rng.shuffle(free)
-    tables, slots = [], []
-    for query_len, seq_len in lens:
-        blocks = [free.pop() for _ in range(-(-seq_len // block_size))]
-        tables.append(blocks)
-        for p in range(seq_len - query_len, seq_len):
-            slots.append(blocks[p // block_size] * block_size + p % block_size)
-    width = max(len(t) for t in tables)
-    table = torch.zeros(len(tables), width, dtype=torch.int32)
-    for i, t in enumerate(tables):
-        table[i, : len(t)] = torch.tensor(t)
-    starts = [0]
-    for q, _ in lens:
-        starts.append(starts[-1] + q)
-    return AttentionMetadata(
-        slot_mapping=torch.tensor(slots),
-        query_start_loc=torch.tensor(starts, dtype=torch.int32),
-        seq_lens=torch.tensor([s for _, s in lens], dtype=torch.int32),
-        block_tables=table,
-        query_lens_cpu=[q for q, _ in lens],
-        seq_lens_cpu=[s for _, s in lens],
-        block_size=block_size,
-    )
-
 
 CASES = [
     [(1, 5), (1, 33), (1, 1), (1, 64)],  # decode only, ragged contexts
@@ -56,7 +24,7 @@ CASES = [
 def test_batched_paged_attention_matches_reference(lens, heads, window, block_size):
     num_q, num_kv = heads
     head_dim = 16
-    meta = _random_step(0, block_size, 64, lens)
+    meta = random_step(0, block_size, 64, lens)
     gen = torch.Generator().manual_seed(1)
     k_cache = torch.randn(64, block_size, num_kv, head_dim, generator=gen)
     v_cache = torch.randn(64, block_size, num_kv, head_dim, generator=gen)
@@ -69,7 +37,7 @@ def test_batched_paged_attention_matches_reference(lens, heads, window, block_si
 def test_store_then_attend_reads_only_written_slots():
     """Slots outside every context hold huge stale values (as reused blocks do); they must not leak in."""
     lens = [(1, 9), (6, 6), (1, 30)]
-    meta = _random_step(3, 4, 32, lens)
+    meta = random_step(3, 4, 32, lens)
     k_cache = torch.full((32, 4, 2, 8), 1e4)
     v_cache = torch.full((32, 4, 2, 8), 1e4)
     # write every context position of every sequence
