@@ -104,12 +104,12 @@ def offline_llm():
 
 
 @contextlib.contextmanager
-def serve_in_subprocess(model: str, *flags: str, timeout: float = 120.0):
-    """`python -m server serve MODEL` in its own process group on a free port; yields (base_url, pid)
+def serve_in_subprocess(model: str | None, *flags: str, timeout: float = 120.0):
+    """`python -m server serve [MODEL]` (None: the built-in demo model) in its own process group on a free port; yields (base_url, pid)
     once /health answers, and stops the whole group afterwards."""
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
-    cmd = [sys.executable, "-m", "server", "serve", model, "--port", str(port), "--dtype", "float32", *flags]
+    cmd = [sys.executable, "-m", "server", "serve", *([model] if model else []), "--port", str(port), "--dtype", "float32", *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout

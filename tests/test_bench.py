@@ -1,12 +1,17 @@
-"""The benchmark client (`pagedserve bench serve`) against our server on the demo model, plus its pure parts.
+"""The benchmark client (`pagedserve bench serve`, `bench soak`) against our server on the built-in demo
+model, plus its pure parts.
 
-Fast and never about speed: exact token counts, TTFT <= E2E, the JSON, determinism of workloads.
+Fast and never about speed: exact token counts, TTFT <= E2E, the JSON, determinism of workloads, the
+tokenizer found without --tokenizer, one-line errors.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -17,7 +22,9 @@ from server.bench.datasets import (
     sharegpt_lengths,
 )
 from server.bench.serve import arrival_gaps
+from server.bench.soak import MIX, read_sample
 from server.bench.stats import metrics_delta, parse_goodput, parse_prometheus
+from server.bench.target import BenchError, resolve_tokenizer
 from server.cli import main as cli_main
 from api_server import serve_in_subprocess
 from server.demo import ensure_demo_model
@@ -37,9 +44,10 @@ def tokenizer(demo_dir):
 
 @pytest.fixture(scope="module")
 def served(demo_dir):
-    """Our server in its own process on the demo model; yields (base_url, pid)."""
+    """`pagedserve serve` (no model: the built-in demo model) in its own process; yields (base_url, pid).
+    The benchmarks find its tokenizer from /v1/models alone."""
     flags = ("--max-model-len", "512", "--kv-cache-memory", "0.125", "--max-num-seqs", "16", "--disable-access-log")
-    with serve_in_subprocess(demo_dir, *flags) as running:
+    with serve_in_subprocess(None, *flags) as running:
         yield running
 
 
@@ -139,7 +147,7 @@ def test_arrivals_goodput_and_metrics_parsing():
     assert gaps == arrival_gaps(2000, 4.0, 1.0, 0)
     assert 0.2 < sum(gaps) / len(gaps) < 0.3
     assert parse_goodput(["ttft:500", "tpot:100"]) == {"ttft": 0.5, "tpot": 0.1}
-    with pytest.raises(ValueError):
+    with pytest.raises(BenchError):
         parse_goodput(["speed:1"])
     text_before = (
         '# HELP vllm:prefix_cache_hits_total x\nvllm:prefix_cache_hits_total{engine="0"} 10.0\n'
@@ -156,3 +164,82 @@ def test_arrivals_goodput_and_metrics_parsing():
     delta = metrics_delta({"pagedserve:prefix_cache_queries_total": 0.0}, ours)
     assert delta["metric_prefix"] == "pagedserve:" and delta["prefix_cache_hit_rate"] == pytest.approx(0.75)
     assert metrics_delta(None, ours) == {"available": False}
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def _one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pagedserve: error:"), result.stderr
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+def test_bench_errors_are_one_line_with_exit_code_2(served):
+    from api_server import free_port
+
+    down = f"http://127.0.0.1:{free_port()}"
+    _one_line_error(_cli("bench", "serve", "--base-url", down), "cannot reach", down, "--base-url")
+    _one_line_error(_cli("bench", "soak", "--base-url", down, "--duration", "0.05"), "cannot reach", down)
+    url, _ = served
+    _one_line_error(_cli("bench", "serve", "--base-url", url, "--tokenizer", "/no/such/dir"), "--tokenizer", "/no/such/dir")
+    _one_line_error(_cli("bench", "serve", "--base-url", url + "/nowhere"), "HTTP 404")
+    _one_line_error(_cli("bench", "soak", "--base-url", url, "--duration", "0"), "--duration")
+
+
+def test_tokenizer_from_a_local_dir_or_the_local_hub_cache(demo_dir, tmp_path):
+    assert resolve_tokenizer(None, None, demo_dir).vocab_size > 0
+    # a server elsewhere that names a directory of its own machine and an uncached Hub id: a clear error
+    with pytest.raises(BenchError, match="pass --tokenizer"):
+        resolve_tokenizer(None, "acme/not-cached", "/srv/models/not-here")
+    # a Hub id already in the Hugging Face cache (its real layout: refs/main -> snapshots/<commit>/)
+    commit = "0" * 40
+    snapshot = tmp_path / "hub" / "models--acme--demo" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+        (snapshot / name).write_bytes((ensure_demo_model() / name).read_bytes())
+    (tmp_path / "hub" / "models--acme--demo" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--demo" / "refs" / "main").write_text(commit)
+    code = "from server.bench.target import resolve_tokenizer as r; print(r(None, None, 'acme/demo').vocab_size)"
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert found.returncode == 0 and int(found.stdout.split()[-1]) > 0, found.stderr
+
+
+def test_soak_short_run_reports_drift_kv_and_statuses(served, tmp_path):
+    url, _ = served
+    out = tmp_path / "soak.json"
+    code = cli_main(["bench", "soak", "--base-url", url, "--duration", "0.1", "--interval", "2", "--warmup", "2",
+                     "--concurrency", "4", "--max-tokens", "8", "--idle-timeout", "20", "--result-json", str(out)])
+    s = json.loads(out.read_text())
+    assert code == 0, {k: s[k] for k in ("by_kind", "kv_usage_end", "server_errors_5xx", "unexpected")}
+    assert s["server_errors_5xx"] == 0 and s["unexpected"] == 0 and s["kv_usage_end"] == 0 and s["running_end"] == 0
+    assert set(s["by_kind"]) <= {kind for kind, _ in MIX} and {"completion", "cut-stream"} <= set(s["by_kind"])
+    assert all(status == "cut" for status in s["by_kind"]["cut-stream"])
+    assert sum(s["by_status"].values()) == s["requests"] > 0
+    assert len(s["intervals"]) == 3 and s["intervals"][-1]["done"] <= s["requests"]
+    for row in s["intervals"]:
+        assert set(row) >= {"t", "done", "rss_mb", "kv_usage", "p50_ms", "p99_ms", "by_status"}
+        assert row["rss_mb"] > 0 and 0 <= row["kv_usage"] <= 1
+    assert s["rss_after_warmup_mb"] > 0 and s["rss_end_mb"] > 0 and s["rss_drift_pct"] is not None
+    assert s["latency_ms"]["p50"] <= s["latency_ms"]["p99"]
+    assert s["server_failures_by_reason"].get("disconnected", 0) > 0
+
+
+def test_soak_reads_rss_kv_and_failures_from_prometheus_text():
+    text = (
+        "# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes 2.5e+09\n"
+        '# TYPE pagedserve:kv_cache_usage_perc gauge\npagedserve:kv_cache_usage_perc{model_name="m"} 0.25\n'
+        '# TYPE pagedserve:num_requests_running gauge\npagedserve:num_requests_running{model_name="m"} 3\n'
+        '# TYPE pagedserve:request_failures counter\n'
+        'pagedserve:request_failures_total{model_name="m",reason="validation"} 4\n'
+        'pagedserve:request_failures_total{model_name="m",reason="disconnected"} 7\n'
+    )
+    s = read_sample(text, 1.5)
+    assert (s.t, s.rss_mb, s.kv_usage, s.running) == (1.5, 2500.0, 0.25, 3.0)
+    assert s.failures == {"validation": 4.0, "disconnected": 7.0}
+    vllm = read_sample('# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{engine="0"} 0.5\n', 0.0)
+    assert vllm.kv_usage == 0.5 and vllm.rss_mb is None

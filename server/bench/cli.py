@@ -1,4 +1,4 @@
-"""`pagedserve bench {serve,offline,compare,make-model}`: argument parsing and dispatch."""
+"""`pagedserve bench {serve,soak,offline,compare,report,profile,make-model}`: argument parsing and dispatch."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import math
 import sys
 
 from server.bench.datasets import DATASETS, WorkloadSpec
+from server.bench.target import guarded
 
 
 def _int_list(value: str) -> list[int]:
@@ -71,7 +72,7 @@ def register(commands) -> None:
     serve.add_argument("--max-model-len", type=int, default=None, help="ShareGPT mix: drop pairs longer than this.")
     add_workload_flags(serve)
     add_client_flags(serve)
-    serve.set_defaults(func=cmd_serve)
+    serve.set_defaults(func=guarded(cmd_serve))
 
     offline = sub.add_parser("offline", help="Throughput of the offline API beside transformers' generate and generate_batch.")
     offline.add_argument("--model", default=None, help="Model directory (default: the demo model).")
@@ -84,7 +85,7 @@ def register(commands) -> None:
     offline.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
     offline.add_argument("--result-json", default=None)
     add_workload_flags(offline)
-    offline.set_defaults(func=cmd_offline)
+    offline.set_defaults(func=guarded(cmd_offline))
 
     compare = sub.add_parser("compare", help="Start our server and vLLM's CPU build in turn; same client, same workload; ratios.")
     compare.add_argument("--model", required=True, help="Model directory served by both.")
@@ -107,12 +108,27 @@ def register(commands) -> None:
     compare.add_argument("--name", default=None, help="File stem of the outputs (default: from the workload).")
     add_workload_flags(compare)
     add_client_flags(compare)
-    compare.set_defaults(func=cmd_compare)
+    compare.set_defaults(func=guarded(cmd_compare))
 
     report = sub.add_parser("report", help="Render the Markdown table and chart again from `bench compare` JSON files.")
     report.add_argument("json", nargs="+")
     report.add_argument("--no-chart", action="store_true")
-    report.set_defaults(func=lambda ns: __import__("server.bench.compare", fromlist=["rerender"]).rerender(ns.json, not ns.no_chart))
+    report.set_defaults(func=guarded(lambda ns: __import__("server.bench.compare", fromlist=["rerender"]).rerender(ns.json, not ns.no_chart)))
+
+    soak = sub.add_parser("soak", help="A steady mixed load for N minutes: RSS and KV usage drift, errors by status, p99 over time.")
+    soak.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000")
+    soak.add_argument("--model", default=None, help="Model name to request (default: the first of /v1/models).")
+    soak.add_argument("--api-key", default=None)
+    soak.add_argument("--duration", type=float, default=10.0, help="Minutes of load.")
+    soak.add_argument("--interval", type=float, default=30.0, help="Seconds per row of the table (a /metrics sample each).")
+    soak.add_argument("--warmup", type=float, default=60.0, help="Seconds before the RSS the drift is measured from.")
+    soak.add_argument("--concurrency", type=int, default=8, help="Requests in flight.")
+    soak.add_argument("--max-tokens", type=int, default=32, help="Tokens per request at most (cut streams ask for more).")
+    soak.add_argument("--idle-timeout", type=float, default=60.0, help="Seconds to wait after the load for the server to go idle.")
+    soak.add_argument("--max-rss-drift-pct", type=float, default=None, help="Exit 1 when RSS at the end differs more from after warm-up.")
+    soak.add_argument("--seed", type=int, default=0)
+    soak.add_argument("--result-json", default=None, help="Write the summary and every interval here.")
+    soak.set_defaults(func=guarded(cmd_soak))
 
     from server.bench.profile import register as register_profile
 
@@ -121,7 +137,7 @@ def register(commands) -> None:
     make = sub.add_parser("make-model", help="Write a benchmark model (random weights) to DIR.")
     make.add_argument("dir")
     make.add_argument("--name", default="llama-125m")
-    make.set_defaults(func=cmd_make_model)
+    make.set_defaults(func=guarded(cmd_make_model))
 
 
 def workload_from(ns: argparse.Namespace) -> WorkloadSpec:
@@ -160,6 +176,24 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     if ns.result_json:
         write_json(ns.result_json, result)
     return 0 if all(run["failed"] == 0 for run in result["runs"]) else 1
+
+
+def cmd_soak(ns: argparse.Namespace) -> int:
+    from server.bench.serve import write_json
+    from server.bench.soak import SoakConfig, format_header, format_row, format_summary, run_soak, soak_ok
+    from server.bench.target import BenchError
+
+    if ns.duration <= 0 or ns.interval <= 0 or ns.concurrency < 1 or ns.max_tokens < 4:
+        raise BenchError("--duration and --interval must be > 0, --concurrency >= 1, --max-tokens >= 4")
+    config = SoakConfig(base_url=ns.base_url, duration_s=ns.duration * 60.0, interval_s=ns.interval, warmup_s=ns.warmup,
+                        concurrency=ns.concurrency, max_tokens=ns.max_tokens, idle_timeout_s=ns.idle_timeout,
+                        seed=ns.seed, api_key=ns.api_key, model=ns.model)
+    print(format_header(), flush=True)
+    summary = asyncio.run(run_soak(config, on_row=lambda row: print(format_row(row), flush=True)))
+    print(format_summary(summary))
+    if ns.result_json:
+        write_json(ns.result_json, summary)
+    return 0 if soak_ok(summary, ns.max_rss_drift_pct) else 1
 
 
 def cmd_offline(ns: argparse.Namespace) -> int:

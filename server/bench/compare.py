@@ -23,6 +23,7 @@ import httpx
 
 from server.bench.serve import run_sweep, sweep_points, write_json
 from server.bench.stats import load_average
+from server.bench.target import BenchError
 
 SERVERS = ("pagedserve", "vllm")
 
@@ -42,7 +43,7 @@ def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float) -> None:
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} during startup")
+            raise BenchError(f"server exited with {proc.returncode} during startup")
         try:
             if httpx.get(url + "/health", timeout=5).status_code == 200 and httpx.get(url + "/v1/models", timeout=5).status_code == 200:
                 return
@@ -109,7 +110,7 @@ class VllmServer:
     def start(self) -> int:
         out = subprocess.run(self.command(), capture_output=True, text=True, env=dict(os.environ), check=False)
         if out.returncode != 0:
-            raise RuntimeError(f"vLLM peer failed to start:\n{out.stderr[-3000:]}")
+            raise BenchError(f"vLLM peer failed to start: {(out.stderr.strip().splitlines() or ['no output'])[-1][:300]}")
         self.pid = int(out.stdout.strip().splitlines()[-1])
         wait_ready(self.url, None, 60)
         return self.pid
@@ -153,7 +154,7 @@ def run_compare(ns: argparse.Namespace) -> int:
     order = [s.strip() for s in ns.servers.split(",") if s.strip()]
     for s in order:
         if s not in SERVERS:
-            raise SystemExit(f"unknown server {s!r}; choose from {', '.join(SERVERS)}")
+            raise BenchError(f"unknown server {s!r}; choose from {', '.join(SERVERS)}")
     points = sweep_points(ns.concurrency, ns.request_rate)
     if ns.max_concurrency and not ns.concurrency:
         points = [(rate, ns.max_concurrency) for rate, _ in points]

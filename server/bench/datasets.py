@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+from server.bench.target import BenchError
+
 DATASETS = ("random", "sharegpt", "shared-prefix")
 _WORD = re.compile(r"^ [A-Za-z]+$")
 
@@ -99,7 +101,7 @@ class PromptBuilder:
             (words if _WORD.match(text) else fallback).append(i)
         pool = words if len(words) >= 16 else words + fallback
         if not pool:
-            raise ValueError("the tokenizer has no token that round-trips through decode/encode")
+            raise BenchError("the tokenizer has no token that round-trips through decode/encode")
         return pool
 
     def ids(self, rng: random.Random, n: int) -> list[int]:
@@ -176,5 +178,5 @@ def build_workload(spec: WorkloadSpec, tokenizer, max_model_len: int | None = No
 
 def _span(length: int, ratio: float) -> tuple[int, int]:
     if not 0 <= ratio < 1:
-        raise ValueError(f"--random-range-ratio must be in [0, 1), got {ratio}")
+        raise BenchError(f"--random-range-ratio must be in [0, 1), got {ratio}")
     return max(1, int(length * (1 - ratio))), max(1, int(length * (1 + ratio)))

@@ -18,6 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from server.bench.target import BenchError
+
 BENCH_MODELS: dict[str, dict[str, Any]] = {
     "llama-125m": {
         "hidden_size": 768,
@@ -39,7 +41,7 @@ def make_bench_model(out_dir: str | Path, name: str = "llama-125m") -> Path:
     from server.demo import make_tiny_model
 
     if name not in BENCH_MODELS:
-        raise ValueError(f"unknown benchmark model {name!r}; expected one of {sorted(BENCH_MODELS)}")
+        raise BenchError(f"unknown benchmark model {name!r}; expected one of {sorted(BENCH_MODELS)}")
     out = Path(out_dir)
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out

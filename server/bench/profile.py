@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from server.bench.stats import load_average
+from server.bench.target import BenchError, guarded
 
 
 class Timers:
@@ -159,7 +160,7 @@ def summarize_raw(path: str) -> dict[str, float]:
 
 def profile_server(ns: argparse.Namespace) -> dict[str, Any]:
     if not shutil.which("py-spy"):
-        raise SystemExit("py-spy is not installed: pip install py-spy")
+        raise BenchError("py-spy is not installed: pip install py-spy")
     raw = ns.output or f"pyspy-{ns.pid}.txt"
     cmd = ["py-spy", "record", "--pid", str(ns.pid), "--duration", str(ns.duration), "--rate", str(ns.rate),
            "--format", "raw", "--output", raw, "--nonblocking"]
@@ -193,14 +194,14 @@ def register(sub) -> None:
     off.add_argument("--output-len", type=int, default=64)
     off.add_argument("--threads", type=int, default=None)
     off.add_argument("--seed", type=int, default=0)
-    off.set_defaults(func=lambda ns: _print(format_offline_profile(profile_offline(ns))))
+    off.set_defaults(func=guarded(lambda ns: _print(format_offline_profile(profile_offline(ns)))))
     srv = kinds.add_parser("server", help="py-spy record on a running server; stacks sorted into parts.")
     srv.add_argument("--pid", type=int, required=True)
     srv.add_argument("--duration", type=int, default=30)
     srv.add_argument("--rate", type=int, default=100)
     srv.add_argument("--native", action="store_true", help="Also sample native frames (slower).")
     srv.add_argument("--output", default=None, help="Raw collapsed-stack file (default pyspy-PID.txt).")
-    srv.set_defaults(func=lambda ns: _print(format_server_profile(profile_server(ns))))
+    srv.set_defaults(func=guarded(lambda ns: _print(format_server_profile(profile_server(ns)))))
 
 
 def _print(text: str) -> int:

@@ -29,6 +29,7 @@ from server.bench.stats import (
     parse_prometheus,
     summarize,
 )
+from server.bench.target import BenchError, fetch_model_name, resolve_tokenizer
 
 
 @dataclass
@@ -65,14 +66,6 @@ def arrival_gaps(n: int, rate: float, burstiness: float, seed: int) -> list[floa
     return [rng.gammavariate(burstiness, theta) for _ in range(n)]
 
 
-async def fetch_model_name(client: httpx.AsyncClient, base_url: str, headers: dict[str, str]) -> tuple[str, str | None]:
-    """The first model the server lists, with its `root` (a local directory for both servers)."""
-    response = await client.get(base_url.rstrip("/") + "/v1/models", headers=headers)
-    response.raise_for_status()
-    card = response.json()["data"][0]
-    return card["id"], card.get("root")
-
-
 async def scrape_metrics(client: httpx.AsyncClient, base_url: str) -> dict[str, float] | None:
     try:
         response = await client.get(base_url.rstrip("/") + "/metrics", timeout=30)
@@ -81,15 +74,6 @@ async def scrape_metrics(client: httpx.AsyncClient, base_url: str) -> dict[str, 
         return parse_prometheus(response.text)
     except httpx.HTTPError:
         return None
-
-
-def resolve_tokenizer(tokenizer: str | None, model: str | None, root: str | None):
-    from transformers import AutoTokenizer
-
-    for candidate in (tokenizer, model, root):
-        if candidate and (Path(candidate).is_dir() or tokenizer == candidate):
-            return AutoTokenizer.from_pretrained(candidate)
-    raise ValueError("cannot find the tokenizer: pass --tokenizer DIR (the model's directory or Hub id)")
 
 
 async def run_once(config: RunConfig, requests: list[BenchRequest], model: str,
@@ -104,7 +88,7 @@ async def run_once(config: RunConfig, requests: list[BenchRequest], model: str,
                                     temperature=config.temperature, ignore_eos=config.ignore_eos)
             result = await send_request(client, config.base_url, config.endpoint, payload, w, time.perf_counter())
             if not result.success:
-                raise RuntimeError(f"warm-up request failed: {result.error}")
+                raise BenchError(f"warm-up request failed: {result.error}")
 
         before = await scrape_metrics(client, config.base_url)
         monitor = ProcessMonitor(config.pid).start() if config.pid else None
@@ -172,7 +156,7 @@ def _request_row(r: RequestResult) -> dict[str, Any]:
 def sweep_points(concurrency: list[int] | None, rates: list[float]) -> list[tuple[float, int | None]]:
     """(request rate, max concurrency) of each run."""
     if concurrency and len(rates) > 1:
-        raise ValueError("sweep either --concurrency or --request-rate, not both")
+        raise BenchError("sweep either --concurrency or --request-rate, not both")
     if concurrency:
         return [(rates[0], c) for c in concurrency]
     return [(r, None) for r in rates]
@@ -187,7 +171,7 @@ async def run_sweep(config: RunConfig, spec: WorkloadSpec, points: list[tuple[fl
     async with httpx.AsyncClient(timeout=60, headers=headers) as client:
         served, root = await fetch_model_name(client, config.base_url, headers)
     model = config.model or served
-    tokenizer = resolve_tokenizer(tokenizer_dir, config.model, root)
+    tokenizer = resolve_tokenizer(tokenizer_dir, model, root)
     runs = []
     for i, (rate, conc) in enumerate(points):
         n = num_prompts[i] if num_prompts and len(num_prompts) > 1 else (num_prompts[0] if num_prompts else spec.num_prompts)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from server.bench.client import RequestResult
+from server.bench.target import BenchError
 
 PERCENTILES = (50, 90, 99)
 METRIC_PREFIXES = ("pagedserve:", "vllm:")
@@ -44,7 +45,7 @@ def parse_goodput(items: list[str] | None) -> dict[str, float]:
             name, _, value = part.partition(":")
             name = name.strip().lower()
             if name not in ("ttft", "tpot", "e2el", "itl"):
-                raise ValueError(f"unknown goodput SLO {name!r}: use ttft, tpot, itl (p99 of the request) or e2el")
+                raise BenchError(f"unknown goodput SLO {name!r}: use ttft, tpot, itl (p99 of the request) or e2el")
             slos[name] = float(value) / 1000.0
     return slos
 
@@ -230,7 +231,7 @@ class ProcessMonitor:
 
     def start(self) -> ProcessMonitor:
         if not os.path.exists(f"/proc/{self.pid}"):
-            raise ValueError(f"no process {self.pid}")
+            raise BenchError(f"--pid {self.pid}: no such process on this machine")
         self._poll(initial=True)
         self._thread = threading.Thread(target=self._run, name="bench-procmon", daemon=True)
         self._thread.start()
