@@ -3,7 +3,8 @@
 Every handler, middleware and stream formats its errors through `to_http` (a JSON response) or
 `error_body` (the envelope alone, for a final SSE event), so a type means the same status
 everywhere: `InvalidRequest`/`ContextTooLong` 400, `Unauthorized` 401, `ModelNotFound` 404,
-`Overloaded` 429 + Retry-After, `EngineDead`/`ShuttingDown` 503.
+`Overloaded` 429 + Retry-After, `EngineDead`/`ShuttingDown` 503, `EngineFailed` (the engine died with
+the request in flight) 500.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from server.api.unicode_text import ERROR_TYPE as UNICODE_ERROR
 from server.errors import EngineDead, Overloaded, PagedServeError
 
 logger = logging.getLogger(__name__)
@@ -108,6 +110,8 @@ def describe_validation_errors(errors: list[dict] | tuple) -> tuple[str, str | N
         return f"The request body is not valid JSON: {detail}.", None
     if kind == "missing" and not loc:
         return "The request body is missing: send a JSON object.", None
+    if kind == UNICODE_ERROR:  # raised before the fields, so its place is in ctx, not in loc
+        return f"{first.get('msg', 'The text is not valid Unicode')}.", (first.get("ctx") or {}).get("param")
     if not loc and kind in ("model_attributes_type", "dict_type", "model_type"):
         return "The request body must be a JSON object, sent with 'Content-Type: application/json'.", None
     param = _param_name(loc)

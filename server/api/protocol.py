@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from server.api.unicode_text import refuse_lone_surrogates
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
@@ -17,6 +19,12 @@ TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        """No lone UTF-16 surrogate anywhere inside (nested messages, keys, kwargs...): 400 naming where."""
+        return refuse_lone_surrogates(data)
 
 
 class StreamOptions(StrictModel):
