@@ -32,6 +32,8 @@ _ENGINE_HELP = {
     "max_num_batched_tokens": "Token budget of one engine step (prefill chunks plus decodes).",
     "max_num_seqs": "Sequences running at once at most.",
     "max_queued_requests": "Waiting requests at most; past it requests get 429 (default: unbounded).",
+    "scheduling_policy": "fcfs: first come, first served; priority: waiting requests by their 'priority' field "
+    "(lower first, then arrival), and memory shortage preempts the lowest priority first.",
 }
 
 

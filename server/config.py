@@ -12,6 +12,7 @@ from typing import ClassVar
 
 from server.errors import ConfigError
 
+SCHEDULING_POLICIES = ("fcfs", "priority")
 DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32")
 
 
@@ -45,6 +46,7 @@ class SchedulerConfig:
     max_num_seqs: int = 128  # running sequences at most
     max_model_len: int = 2048  # prompt + output tokens at most
     max_queued_requests: int | None = None  # waiting requests at most; None: unbounded
+    policy: str = "fcfs"  # "fcfs" or "priority": the order of the waiting queue
 
 
 @dataclass
@@ -68,6 +70,7 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     max_num_seqs: int = 128
     max_queued_requests: int | None = None
+    scheduling_policy: str = "fcfs"
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -103,6 +106,10 @@ class EngineArgs:
         need(
             self.max_queued_requests is None or self.max_queued_requests >= 1,
             f"--max-queued-requests must be at least 1 (every request waits before it runs), got {self.max_queued_requests}.",
+        )
+        need(
+            self.scheduling_policy in SCHEDULING_POLICIES,
+            f"--scheduling-policy must be fcfs or priority, got {self.scheduling_policy!r}.",
         )
         need(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}.")
 
@@ -148,6 +155,7 @@ class EngineArgs:
             max_num_seqs=self.max_num_seqs,
             max_model_len=max_model_len,
             max_queued_requests=self.max_queued_requests,
+            policy=self.scheduling_policy,
         )
 
 

@@ -32,6 +32,12 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True  # False: no space between two added tokens in the text
+    allowed_token_ids: list[int] | None = None  # sample only among these
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)  # the API tokenizes `bad_words`
+    # Not sampling, but per request and read below the API: the scheduler and the prefix cache.
+    priority: int = 0  # lower runs first (only with --scheduling-policy priority)
+    cache_salt: str | None = None  # isolates this request's prefix-cache entries
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -39,6 +45,9 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        self.bad_words_token_ids = [list(word) for word in self.bad_words_token_ids or []]
         if self.top_k == -1:
             self.top_k = 0
         self.validate()
@@ -78,6 +87,12 @@ class SamplingParams:
         for token, bias in self.logit_bias.items():
             if not -100 <= bias <= 100:
                 raise bad("logit_bias", f"logit_bias values must be in [-100, 100], got {bias} for token {token}.")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise bad("allowed_token_ids", "allowed_token_ids must not be empty: leave it out to allow every token.")
+        if any(not word for word in self.bad_words_token_ids):
+            raise bad("bad_words", "bad_words must not be empty strings.")
+        if self.cache_salt is not None and not self.cache_salt:
+            raise bad("cache_salt", "cache_salt must be a non-empty string if provided.")
 
 
 class RequestStatus(enum.Enum):

@@ -1,4 +1,5 @@
-"""POST /v1/chat/completions: messages through the chat template, streamed or not."""
+"""POST /v1/chat/completions: messages through the chat template, streamed or not, with vLLM's
+request fields (server/api/unsupported.py refuses the ones not served)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.api.choices import Choice, make_usage, now
+from server.api.choices import Choice, continuous_usage, make_usage, now, response_id
 from server.api.generation import Generation, open_generation
-from server.api.logprobs import chat_logprobs
+from server.api.logprobs import chat_logprobs, prompt_logprobs
 from server.api.middleware import request_id
-from server.api.prompts import encode_chat, render_chat
+from server.api.prompts import encode_chat, render_chat, truncate_prompt
 from server.api.protocol import (
     ERROR_RESPONSES,
     ChatChoice,
@@ -21,8 +22,10 @@ from server.api.protocol import (
     ChatLogprobs,
     ChatResponseMessage,
     dump,
+    dump_response,
 )
-from server.api.sampling import build_sampling_params, stream_usage
+from server.api.sampling import StreamUsage, build_sampling_params, stream_usage
+from server.api.unsupported import refuse_unsupported
 from server.api.state import ServerState, get_state
 from server.api.streaming import SSEResponse, sse_stream, unless_disconnected
 from server.errors import InvalidRequest
@@ -39,20 +42,22 @@ class _Plan:
     params: SamplingParams
     top_logprobs: int | None  # None: no logprobs
     echo_text: str  # vLLM's echo: the final assistant message the reply continues
-    include_usage: bool
+    usage: StreamUsage
+    prompt_logprobs: bool  # vLLM's prompt_logprobs field: return them
+    as_ids: bool  # return_tokens_as_token_ids
+    token_ids: bool  # return_token_ids
 
 
 def _check_unsupported(body: ChatCompletionRequest) -> None:
-    if body.response_format is not None and body.response_format.type != "text":
-        raise InvalidRequest(
-            f"response_format {body.response_format.type!r} is not supported yet: only 'text'.", param="response_format"
-        )
+    refuse_unsupported(body)
     choice = body.tool_choice
     if choice is not None and not (isinstance(choice, str) and choice in ("none", "auto")):
         shown = repr(choice) if isinstance(choice, str) else "naming a function"
         raise InvalidRequest(f"tool_choice {shown} is not supported yet: only 'none' and 'auto'.", param="tool_choice")
     if body.top_logprobs and not body.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs set to true.", param="top_logprobs")
+    if body.stream and body.prompt_logprobs:
+        raise InvalidRequest("prompt_logprobs are not available when stream is true.", param="prompt_logprobs")
     explicit = body.model_fields_set
     if body.continue_final_message and body.add_generation_prompt and "add_generation_prompt" in explicit:
         raise InvalidRequest(
@@ -63,16 +68,31 @@ def _check_unsupported(body: ChatCompletionRequest) -> None:
 def _plan(body: ChatCompletionRequest, state: ServerState, rid: str) -> _Plan:
     model_name = state.model.resolve(body.model)
     _check_unsupported(body)
-    include_usage = stream_usage(body)
+    usage = stream_usage(body)
     text = render_chat(state.model, body)
+    prompt_ids = encode_chat(state.model, text, add_special_tokens=bool(body.add_special_tokens))
+    prompt_ids = truncate_prompt(prompt_ids, body.truncate_prompt_tokens, state.model.max_model_len)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = build_sampling_params(body, state.model, max_tokens=max_tokens, logprobs=top_logprobs)
+    params = build_sampling_params(
+        body, state.model, max_tokens=max_tokens, logprobs=top_logprobs, prompt_logprobs=body.prompt_logprobs
+    )
     echo_text = ""
     last = body.messages[-1]
     if body.echo and last.role == "assistant" and isinstance(last.content, str):
         echo_text = last.content
-    return _Plan(f"chatcmpl-{rid}", model_name, encode_chat(state.model, text), params, top_logprobs, echo_text, include_usage)
+    return _Plan(
+        id=f"chatcmpl-{rid}",
+        model=model_name,
+        prompt_ids=prompt_ids,
+        params=params,
+        top_logprobs=top_logprobs,
+        echo_text=echo_text,
+        usage=usage,
+        prompt_logprobs=body.prompt_logprobs is not None,
+        as_ids=bool(body.return_tokens_as_token_ids),
+        token_ids=bool(body.return_token_ids),
+    )
 
 
 @router.post(
@@ -80,7 +100,7 @@ def _plan(body: ChatCompletionRequest, state: ServerState, rid: str) -> _Plan:
 )
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     state = get_state(request)
-    rid = request_id(request)
+    rid = response_id(body.request_id, request.headers, request_id(request))
     plan = _plan(body, state, rid)
     if body.stream:
         generation = await unless_disconnected(request, open_generation(state, rid, [plan.prompt_ids], plan.params))
@@ -104,24 +124,42 @@ async def _collect(plan: _Plan, state: ServerState, generation: Generation) -> d
     for index, choice in enumerate(choices):
         logprobs = None
         if plan.top_logprobs is not None:
-            logprobs = ChatLogprobs(content=chat_logprobs(choice.logprobs, state.tokens, plan.top_logprobs))
+            logprobs = ChatLogprobs(content=chat_logprobs(choice.logprobs, state.tokens, plan.top_logprobs, plan.as_ids))
         message = ChatResponseMessage(content=plan.echo_text + choice.full_text, refusal=None)
-        out_choices.append(ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=choice.finish_reason))
+        token_ids = list(choice.token_ids) if plan.token_ids else None
+        out_choices.append(
+            ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=choice.finish_reason, token_ids=token_ids)
+        )
     usage = make_usage([len(plan.prompt_ids)], choices)
-    return dump(ChatCompletionResponse(id=plan.id, created=now(), model=plan.model, choices=out_choices, usage=usage))
+    response = ChatCompletionResponse(id=plan.id, created=now(), model=plan.model, choices=out_choices, usage=usage)
+    if plan.prompt_logprobs:
+        entries = choices[0].prompt_logprobs or [None] * len(plan.prompt_ids)
+        response.prompt_logprobs = prompt_logprobs(plan.prompt_ids, entries, state.tokens)
+    if plan.token_ids:
+        response.prompt_token_ids = list(plan.prompt_ids)
+    return dump_response(response)
 
 
 async def _stream(plan: _Plan, state: ServerState, generation: Generation) -> AsyncIterator[dict]:
     created = now()
     choices = [Choice() for _ in range(plan.params.n)]
+    first_chunk = True  # return_token_ids: the prompt's ids go on the first chunk of the stream
 
-    def chunk(index: int, delta: dict, logprobs: list | None = None, finish_reason: str | None = None) -> dict:
+    def chunk(
+        index: int, delta: dict, logprobs: list | None = None, finish_reason: str | None = None, token_ids: list | None = None
+    ) -> dict:
+        nonlocal first_chunk
         entry = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         if logprobs is not None:
             entry["logprobs"] = {"content": [dump(lp) for lp in logprobs]}
+        if plan.token_ids and token_ids is not None:
+            entry["token_ids"] = token_ids
         payload = {"id": plan.id, "object": "chat.completion.chunk", "created": created, "model": plan.model, "choices": [entry]}
-        if plan.include_usage:
-            payload["usage"] = None
+        if plan.token_ids and first_chunk:
+            payload["prompt_token_ids"] = list(plan.prompt_ids)
+        first_chunk = False
+        if plan.usage.final:
+            payload["usage"] = continuous_usage(len(plan.prompt_ids), choices[index]) if plan.usage.continuous else None
         return payload
 
     async for _, out in generation:
@@ -134,12 +172,13 @@ async def _stream(plan: _Plan, state: ServerState, generation: Generation) -> As
         choice.add(out)
         logprobs = None
         if plan.top_logprobs is not None and out.logprobs:
-            logprobs = chat_logprobs(list(zip(out.token_ids, out.logprobs)), state.tokens, plan.top_logprobs)
-        if out.text or logprobs:
-            yield chunk(out.index, {"content": out.text}, logprobs)
+            entries = list(zip(out.token_ids, out.logprobs))
+            logprobs = chat_logprobs(entries, state.tokens, plan.top_logprobs, plan.as_ids)
+        if out.text or logprobs or (plan.token_ids and out.token_ids):
+            yield chunk(out.index, {"content": out.text}, logprobs, token_ids=list(out.token_ids))
         if out.finish_reason is not None:
-            yield chunk(out.index, {}, finish_reason=out.finish_reason)
-    if plan.include_usage:
+            yield chunk(out.index, {}, finish_reason=out.finish_reason, token_ids=[])
+    if plan.usage.final:
         usage = make_usage([len(plan.prompt_ids)], choices)
         head = {"id": plan.id, "object": "chat.completion.chunk", "created": created, "model": plan.model}
         yield {**head, "choices": [], "usage": dump(usage)}

@@ -1,4 +1,5 @@
-"""What both endpoints keep per choice while deltas arrive, and the usage they report."""
+"""What both endpoints keep per choice while deltas arrive, the usage they report, and the id and
+time a response carries."""
 
 from __future__ import annotations
 
@@ -47,6 +48,23 @@ def make_usage(num_prompt_tokens: list[int], choices: list[Choice]) -> Usage:
     prompt = sum(num_prompt_tokens)
     completion = sum(c.num_output_tokens for c in choices)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def continuous_usage(num_prompt_tokens: int, choice: Choice) -> dict:
+    """vLLM's continuous_usage_stats on a chunk of one choice: its prompt and its tokens so far."""
+    return Usage(
+        prompt_tokens=num_prompt_tokens,
+        completion_tokens=choice.num_output_tokens,
+        total_tokens=num_prompt_tokens + choice.num_output_tokens,
+    ).model_dump()
+
+
+def response_id(body_request_id: str | None, headers, header_id: str) -> str:
+    """The id a response and its engine requests are named after, with vLLM's precedence: the
+    X-Request-Id header, else the body's request_id, else the id the server made up."""
+    if body_request_id is not None and "x-request-id" not in headers:
+        return body_request_id
+    return header_id
 
 
 def now() -> int:

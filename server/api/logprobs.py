@@ -1,8 +1,9 @@
-"""Log-probabilities in OpenAI's two shapes: the legacy completions one and the chat one."""
+"""Log-probabilities in OpenAI's two shapes (the legacy completions one and the chat one) and in
+vLLM's `prompt_logprobs` shape. With vLLM's return_tokens_as_token_ids a token shows as "token_id:N"."""
 
 from __future__ import annotations
 
-from server.api.protocol import ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from server.api.protocol import ChatTokenLogprob, CompletionLogprobs, PromptLogprob, PromptLogprobs, TopLogprob
 from server.request import TokenLogprob
 
 _FLOOR = -9999.0  # -inf does not fit in JSON
@@ -57,18 +58,26 @@ class TokenText:
             self._bytes[token_id] = raw
         return raw
 
+    def shown(self, token_id: int, as_id: bool) -> str:
+        """How a logprob entry names the token: its text, or vLLM's "token_id:N"."""
+        return f"token_id:{token_id}" if as_id else self.text(token_id)
+
+    def shown_bytes(self, token_id: int, as_id: bool) -> list[int]:
+        return list(self.shown(token_id, True).encode("utf-8")) if as_id else self.bytes(token_id)
+
 
 def legacy_logprobs(
-    entries: list[tuple[int, TokenLogprob | None]], tokens: TokenText, offset: int
+    entries: list[tuple[int, TokenLogprob | None]], tokens: TokenText, offset: int, as_ids: bool = False
 ) -> tuple[CompletionLogprobs, int]:
     """The completions format for (token id, logprob) pairs; None marks the prompt's first token.
 
     `top_logprobs` maps token text to log-probability for the top N and the chosen token; `text_offset`
-    counts characters from `offset`. Returns the offset after the last token too (for streams).
+    counts characters from `offset` (of the tokens as shown, as vLLM counts them). Returns the offset
+    after the last token too (for streams).
     """
     out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
     for token_id, lp in entries:
-        text = tokens.text(token_id)
+        text = tokens.shown(token_id, as_ids)
         out.tokens.append(text)
         out.text_offset.append(offset)
         offset += len(text)
@@ -79,24 +88,42 @@ def legacy_logprobs(
         out.token_logprobs.append(_finite(lp.logprob))
         top: dict[str, float] = {}
         for top_id, value in lp.top:
-            top.setdefault(tokens.text(top_id), _finite(value))
+            top.setdefault(tokens.shown(top_id, as_ids), _finite(value))
         top.setdefault(text, _finite(lp.logprob))
         out.top_logprobs.append(top)
     return out, offset
 
 
-def chat_logprobs(entries: list[tuple[int, TokenLogprob]], tokens: TokenText, top_n: int) -> list[ChatTokenLogprob]:
+def chat_logprobs(
+    entries: list[tuple[int, TokenLogprob]], tokens: TokenText, top_n: int, as_ids: bool = False
+) -> list[ChatTokenLogprob]:
     """The chat format: per token its text, log-probability, UTF-8 bytes and the top `top_n` alternatives."""
     out = []
     for token_id, lp in entries:
         out.append(
             ChatTokenLogprob(
-                token=tokens.text(token_id),
+                token=tokens.shown(token_id, as_ids),
                 logprob=_finite(lp.logprob),
-                bytes=tokens.bytes(token_id),
+                bytes=tokens.shown_bytes(token_id, as_ids),
                 top_logprobs=[
-                    TopLogprob(token=tokens.text(t), logprob=_finite(v), bytes=tokens.bytes(t)) for t, v in lp.top[:top_n]
+                    TopLogprob(token=tokens.shown(t, as_ids), logprob=_finite(v), bytes=tokens.shown_bytes(t, as_ids))
+                    for t, v in lp.top[:top_n]
                 ],
             )
         )
+    return out
+
+
+def prompt_logprobs(prompt_ids: list[int], entries: list[TokenLogprob | None], tokens: TokenText) -> PromptLogprobs:
+    """vLLM's `prompt_logprobs`: per prompt token (the first is null, nothing predicts it) a map from
+    token id to logprob, rank and text, holding the prompt's own token and the top N."""
+    out: PromptLogprobs = []
+    for token_id, lp in zip(prompt_ids, entries):
+        if lp is None:
+            out.append(None)
+            continue
+        row = {str(token_id): PromptLogprob(logprob=_finite(lp.logprob), rank=lp.rank, decoded_token=tokens.text(token_id))}
+        for rank, (top_id, value) in enumerate(lp.top, start=1):
+            row.setdefault(str(top_id), PromptLogprob(logprob=_finite(value), rank=rank, decoded_token=tokens.text(top_id)))
+        out.append(row)
     return out

@@ -21,32 +21,61 @@ class Prompt:
     text: str | None  # the prompt as given, when it was text (echo shows it as is)
 
 
-def completion_prompts(prompt, model: ModelInfo) -> list[Prompt]:
-    """Text, texts, token ids or token-id lists (used exactly, no BOS added); null: a new document."""
-    tokenizer = model.tokenizer
+def truncate_prompt(ids: list[int], keep: int | None, max_model_len: int) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the last `keep` tokens (-1: the model's context length)."""
+    if keep is None:
+        return ids
+    if keep == -1:
+        keep = max_model_len
+    if keep == 0:
+        raise InvalidRequest(
+            "truncate_prompt_tokens must be -1 (the model's context length) or at least 1.", param="truncate_prompt_tokens"
+        )
+    if keep > max_model_len:
+        raise InvalidRequest(
+            f"truncate_prompt_tokens ({keep}) is greater than the model's context length ({max_model_len}): "
+            "please ask for a smaller truncation size.",
+            param="truncate_prompt_tokens",
+        )
+    return ids[-keep:]
+
+
+def completion_prompts(prompt, model: ModelInfo, add_special_tokens: bool = True, truncate: int | None = None) -> list[Prompt]:
+    """Text, texts, token ids or token-id lists (used exactly, no BOS added); null: a new document.
+
+    Text is tokenized with the tokenizer's special tokens unless `add_special_tokens` is False; every
+    prompt keeps only its last `truncate` tokens when given (then echo shows the tokens kept)."""
+    out = [_completion_prompt(item, model, add_special_tokens) for item in _prompt_items(prompt, model)]
+    if truncate is not None:
+        for p in out:
+            kept = truncate_prompt(p.token_ids, truncate, model.max_model_len)
+            if len(kept) < len(p.token_ids):
+                p.token_ids, p.text = kept, None
+    return out
+
+
+def _prompt_items(prompt, model: ModelInfo) -> list:
     if prompt is None:
-        return [Prompt([model.start_token_id], None)]
+        return [[model.start_token_id]]
     if isinstance(prompt, str):
         prompt = [prompt]
     elif prompt and isinstance(prompt[0], int):
         prompt = [prompt]
     if not prompt:
         raise InvalidRequest("prompt must not be an empty list.", param="prompt")
-    out = []
-    for item in prompt:
-        if isinstance(item, str):
-            ids = tokenizer.encode(item) if item else [model.start_token_id]
-            out.append(Prompt(list(ids), item))
-        else:
-            if not item:
-                raise InvalidRequest("A token-id prompt must not be empty.", param="prompt")
-            bad = next((t for t in item if t >= model.vocab_size), None)
-            if bad is not None:
-                raise InvalidRequest(
-                    f"Token id {bad} is out of range for a vocabulary of {model.vocab_size} tokens.", param="prompt"
-                )
-            out.append(Prompt(list(item), None))
-    return out
+    return prompt
+
+
+def _completion_prompt(item, model: ModelInfo, add_special_tokens: bool) -> Prompt:
+    if isinstance(item, str):
+        ids = model.tokenizer.encode(item, add_special_tokens=add_special_tokens) if item else []
+        return Prompt(list(ids) or [model.start_token_id], item)
+    if not item:
+        raise InvalidRequest("A token-id prompt must not be empty.", param="prompt")
+    bad = next((t for t in item if t >= model.vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(f"Token id {bad} is out of range for a vocabulary of {model.vocab_size} tokens.", param="prompt")
+    return Prompt(list(item), None)
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict]:
@@ -89,15 +118,27 @@ def chat_prompt(
     continue_final_message: bool,
     tools: list[Tool] | None = None,
     template_kwargs: dict | None = None,
+    template: str | None = None,
+    documents: list[dict[str, str]] | None = None,
 ) -> str:
-    """The conversation rendered by the model's chat template (--chat-template overrides it)."""
+    """The conversation rendered by `template`, else the model's chat template (--chat-template overrides it).
+
+    `documents` (RAG) and `template_kwargs` are visible to the template; templates that ignore them
+    render as without them."""
     tokenizer = model.tokenizer
-    if not getattr(tokenizer, "chat_template", None):
-        raise InvalidRequest("This model has no chat template: start the server with --chat-template FILE.", param="messages")
+    if not template and not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequest(
+            "This model has no chat template: start the server with --chat-template FILE, or send chat_template.",
+            param="messages",
+        )
     kwargs = dict(template_kwargs or {})
     reserved = sorted(set(kwargs) & _RESERVED_TEMPLATE_KWARGS)
     if reserved:
         raise InvalidRequest(f"chat_template_kwargs must not set {', '.join(reserved)}.", param="chat_template_kwargs")
+    if template:
+        kwargs["chat_template"] = template
+    if documents:
+        kwargs["documents"] = documents
     if continue_final_message and messages[-1].role != "assistant":
         raise InvalidRequest(
             "continue_final_message needs the last message to be the assistant's.", param="continue_final_message"
@@ -118,16 +159,23 @@ def chat_prompt(
 
 def render_chat(model: ModelInfo, body) -> str:
     """`chat_prompt` with the template options of a request body (chat completions or /tokenize)."""
+    kwargs = dict(body.chat_template_kwargs or {})
+    reasoning_effort = getattr(body, "reasoning_effort", None)
+    if reasoning_effort is not None:
+        kwargs["reasoning_effort"] = reasoning_effort  # as vLLM passes it: templates that know it use it
     return chat_prompt(
         model,
         body.messages,
         add_generation_prompt=body.add_generation_prompt is not False,
         continue_final_message=bool(body.continue_final_message),
         tools=body.tools,
-        template_kwargs=body.chat_template_kwargs,
+        template_kwargs=kwargs,
+        template=getattr(body, "chat_template", None),
+        documents=getattr(body, "documents", None),
     )
 
 
-def encode_chat(model: ModelInfo, text: str) -> list[int]:
-    """A rendered conversation -> token ids; the template wrote every special token already."""
-    return list(model.tokenizer.encode(text, add_special_tokens=False))
+def encode_chat(model: ModelInfo, text: str, add_special_tokens: bool = False) -> list[int]:
+    """A rendered conversation -> token ids. The template wrote the special tokens already, so none are
+    added unless asked (vLLM's add_special_tokens, for templates that leave out BOS)."""
+    return list(model.tokenizer.encode(text, add_special_tokens=add_special_tokens))

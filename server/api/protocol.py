@@ -1,7 +1,8 @@
-"""Pydantic schemas of the OpenAI API (plus vLLM's sampling extras): requests and responses.
+"""Pydantic schemas of the OpenAI API (plus vLLM's request fields): requests and responses.
 
 Requests are strict: wrong JSON types and unknown fields are refused (400), never coerced, and
-non-finite numbers are refused. Response models document the wire format in /openapi.json; the
+non-finite numbers are refused. vLLM's own fields are known: most are implemented, the rest are
+declared so that `server/api/unsupported.py` can refuse them with a reason instead of "unknown". Response models document the wire format in /openapi.json; the
 handlers build them and `dump` them, so that null fields OpenAI sends as null stay null.
 """
 
@@ -28,8 +29,13 @@ class StrictModel(BaseModel):
 
 
 class StreamOptions(StrictModel):
-    include_usage: bool = False
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = Field(False, description="vLLM's: usage so far on every chunk (with include_usage).")
     include_obfuscation: bool | None = None  # accepted, nothing to obfuscate
+
+
+_NOT_YET = "Structured outputs: refused until they are supported."
+_NO_MEANING = "Refused: see the README's vLLM request fields."
 
 
 class SamplingRequest(StrictModel):
@@ -56,6 +62,36 @@ class SamplingRequest(StrictModel):
     stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    truncate_prompt_tokens: int | None = Field(
+        None, ge=-1, le=INT64_MAX, description="Keep only the last k prompt tokens; -1: the model's context length."
+    )
+    prompt_logprobs: int | None = Field(None, ge=0, le=20, description="Top-N logprobs of every prompt token.")
+    allowed_token_ids: list[TokenId] | None = Field(None, description="Sample only among these token ids.")
+    bad_words: list[str] | None = Field(None, description="Words that must not be generated.")
+    priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX, description="Lower runs first (--scheduling-policy priority).")
+    request_id: str | None = Field(None, min_length=1, max_length=256, description="The response id and engine request id.")
+    cache_salt: str | None = Field(None, description="Prefix-cache isolation: only requests with the same salt share.")
+    return_tokens_as_token_ids: bool | None = Field(None, description="Logprob tokens as 'token_id:N'.")
+    return_token_ids: bool | None = Field(None, description="Add prompt_token_ids and token_ids to the response.")
+    use_beam_search: bool | None = Field(False, description="Refused when true: no beam search.")
+    length_penalty: float | None = Field(1.0, description="Beam search only; ignored without it, as vLLM does.")
+    # vLLM's fields this server refuses when set (server/api/unsupported.py says why)
+    structured_outputs: Any = Field(None, description=_NOT_YET)
+    guided_json: Any = Field(None, description=_NOT_YET)
+    guided_regex: Any = Field(None, description=_NOT_YET)
+    guided_choice: Any = Field(None, description=_NOT_YET)
+    guided_grammar: Any = Field(None, description=_NOT_YET)
+    structural_tag: Any = Field(None, description=_NOT_YET)
+    guided_decoding_backend: Any = Field(None, description=_NOT_YET)
+    guided_whitespace_pattern: Any = Field(None, description=_NOT_YET)
+    kv_transfer_params: Any = Field(None, description=_NO_MEANING)
+    mm_processor_kwargs: Any = Field(None, description=_NO_MEANING)
+    logits_processors: Any = Field(None, description=_NO_MEANING)
+    vllm_xargs: Any = Field(None, description=_NO_MEANING)
+    max_repetition_pattern_size: int | None = Field(0, description="Refused when not 0: no repetition detection yet.")
+    min_repetition_pattern_size: int | None = Field(0, description="Refused when not 0: no repetition detection yet.")
+    repetition_min_count: int | None = Field(0, description="Refused when not 0: no repetition detection yet.")
 
 
 PromptInput = str | list[str] | list[TokenId] | list[list[TokenId]]
@@ -70,6 +106,10 @@ class CompletionRequest(SamplingRequest):
     echo: bool | None = False
     best_of: int | None = Field(None, ge=1, le=128, description="Only equal to n is supported.")
     suffix: str | None = Field(None, description="Not supported: must be empty.")
+    # vLLM's extras
+    add_special_tokens: bool | None = Field(True, description="Add the tokenizer's special tokens (BOS) to text prompts.")
+    response_format: Any = Field(None, description="Only {'type': 'text'}: structured outputs are not supported yet.")
+    prompt_embeds: Any = Field(None, description=_NO_MEANING)
 
 
 class ContentPart(BaseModel):
@@ -139,10 +179,17 @@ class ChatCompletionRequest(SamplingRequest):
     store: bool | None = None  # accepted and ignored: nothing is stored
     metadata: dict[str, str] | None = None  # accepted and ignored
     service_tier: str | None = None  # accepted and ignored
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
+        None, description="Passed to the chat template (templates that know it use it)."
+    )
     # vLLM's extras
+    include_reasoning: bool | None = Field(True, description="Accepted: no reasoning parser splits the reply.")
     echo: bool | None = False
     add_generation_prompt: bool | None = True
     continue_final_message: bool | None = False
+    add_special_tokens: bool | None = Field(False, description="Add the tokenizer's special tokens on top of the template's.")
+    documents: list[dict[str, str]] | None = Field(None, description="Passed to the chat template (RAG templates).")
+    chat_template: str | None = Field(None, description="A Jinja chat template for this request only.")
     chat_template_kwargs: dict[str, Any] | None = None
 
 
@@ -178,11 +225,27 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's shape of one entry of `prompt_logprobs` (keyed by token id)."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+# vLLM's response fields that are only present when the request asked for them
+OPTIONAL_EXTRAS = ("prompt_logprobs", "prompt_token_ids", "token_ids")
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None
     finish_reason: Literal["stop", "length", "abort"] | None
+    prompt_logprobs: PromptLogprobs | None = Field(None, description="With prompt_logprobs (or echo and logprobs).")
+    prompt_token_ids: list[int] | None = Field(None, description="With return_token_ids.")
+    token_ids: list[int] | None = Field(None, description="With return_token_ids.")
 
 
 class CompletionResponse(BaseModel):
@@ -219,6 +282,7 @@ class ChatChoice(BaseModel):
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None
     finish_reason: Literal["stop", "length", "abort"] | None
+    token_ids: list[int] | None = Field(None, description="With return_token_ids.")
 
 
 class ChatCompletionResponse(BaseModel):
@@ -228,6 +292,8 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = Field(None, description="With prompt_logprobs.")
+    prompt_token_ids: list[int] | None = Field(None, description="With return_token_ids.")
 
 
 class ChatChunkChoice(BaseModel):
@@ -297,3 +363,13 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 def dump(model: BaseModel, *, exclude: set[str] | None = None) -> dict:
     return model.model_dump(mode="json", exclude=exclude)
+
+
+def dump_response(model: BaseModel) -> dict:
+    """`dump` without the OPTIONAL_EXTRAS the request did not ask for (None), at the top and per choice."""
+    out = dump(model)
+    for entry in (out, *out.get("choices", ())):
+        for key in OPTIONAL_EXTRAS:
+            if key in entry and entry[key] is None:
+                del entry[key]
+    return out

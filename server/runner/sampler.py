@@ -1,4 +1,5 @@
-"""Token sampling on the device: penalties, bias, min_tokens, temperature, top-k/p, min-p, seeds, logprobs."""
+"""Token sampling on the device: allowed tokens, bad words, bias, min_tokens, penalties, temperature,
+top-k/p, min-p, seeds, logprobs."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class SamplingBatch:
     bias_rows: torch.Tensor | None  # [M] row indices of logit_bias / banned entries
     bias_cols: torch.Tensor | None
     bias_vals: torch.Tensor | None
+    disallowed: torch.Tensor | None  # [N, vocab] bool: outside the row's allowed_token_ids; None when no row limits
     generators: list[torch.Generator | None]  # per row; None rows share the batch generator
     num_logprobs: list[int | None]
     all_greedy: bool
@@ -60,7 +62,19 @@ def build_sampling_batch(
         return out.to(device)
 
     rows, cols, vals = [], [], []
+    disallowed = None
     for i, r in enumerate(requests):
+        allowed = r.params.allowed_token_ids
+        if allowed is not None:
+            if disallowed is None:
+                disallowed = torch.zeros(len(requests), vocab_size, dtype=torch.bool)
+            disallowed[i] = True
+            disallowed[i, [t for t in allowed if 0 <= t < vocab_size]] = False
+        for token in _bad_word_bans(r):
+            if 0 <= token < vocab_size:
+                rows.append(i)
+                cols.append(token)
+                vals.append(_NEG_INF)
         for token, bias in r.params.logit_bias.items():
             if 0 <= token < vocab_size:
                 rows.append(i)
@@ -89,6 +103,7 @@ def build_sampling_batch(
         bias_rows=column(rows, torch.int64) if rows else None,
         bias_cols=column(cols, torch.int64) if rows else None,
         bias_vals=column(vals, torch.float32) if rows else None,
+        disallowed=disallowed.to(device) if disallowed is not None else None,
         generators=generators,
         num_logprobs=[p.logprobs for p in params],
         all_greedy=all(greedy),
@@ -97,6 +112,21 @@ def build_sampling_batch(
         any_top_p=any(p.top_p < 1.0 for p in params),
         any_min_p=any(p.min_p > 0.0 for p in params),
     )
+
+
+def _bad_word_bans(request: Request) -> set[int]:
+    """The tokens that would complete one of the request's bad words now: a one-token word always,
+    a longer one when the output so far ends with all of its tokens but the last (vLLM's rule)."""
+    bans: set[int] = set()
+    words = request.params.bad_words_token_ids
+    if not words:
+        return bans
+    output = request.output_token_ids
+    for word in words:
+        prefix = word[:-1]
+        if not prefix or (len(prefix) <= len(output) and output[len(output) - len(prefix) :] == prefix):
+            bans.add(word[-1])
+    return bans
 
 
 def _token_counts(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -157,6 +187,8 @@ def _random_pick(probs: torch.Tensor, batch: SamplingBatch, generator: torch.Gen
 
 def sample(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator | None) -> torch.Tensor:
     """Pick one token per row of `logits` [N, vocab] (float32). Returns [N] int64."""
+    if batch.disallowed is not None:
+        logits = logits.masked_fill(batch.disallowed, _NEG_INF)
     if batch.bias_rows is not None:
         logits = logits.index_put((batch.bias_rows, batch.bias_cols), batch.bias_vals, accumulate=True)
     if batch.any_penalty:

@@ -4,8 +4,9 @@ Plain Python on ints (no torch): the runner owns the KV tensors, this pool only 
 block ids hold which tokens. Every block id in ``range(num_blocks)`` is usable; none is reserved.
 
 Prefix caching: the hash of full block ``i`` of a request is ``hash((parent, tokens_of_block_i))``
-with ``parent`` the hash of block ``i - 1`` (``ROOT_HASH`` for block 0), so a hit on block ``i``
-means the whole prefix up to and including it matches. The pool maps ``hash -> block id`` and keeps
+with ``parent`` the hash of block ``i - 1`` (``ROOT_HASH`` for block 0, or ``ROOT_HASH`` mixed with
+the request's ``cache_salt``), so a hit on block ``i`` means the whole prefix up to and including it
+matches, and requests with different salts never share a block. The pool maps ``hash -> block id`` and keeps
 the key tuple of each cached block to verify a hit. Only full blocks whose tokens were all computed
 are cached. An unreferenced cached block sits in the free list and stays findable until it is
 taken for new tokens (then its hash is evicted).
@@ -71,7 +72,11 @@ class BlockPool:
     # ---- hashing -----------------------------------------------------------------------------
 
     def _key(self, request: Request, i: int) -> tuple:
-        parent = request.block_hashes[i - 1] if i else ROOT_HASH
+        if i:
+            parent = request.block_hashes[i - 1]
+        else:
+            salt = request.params.cache_salt
+            parent = ROOT_HASH if salt is None else hash((ROOT_HASH, salt))
         bs = self.block_size
         return (parent, tuple(request.all_token_ids[i * bs : (i + 1) * bs]))
 

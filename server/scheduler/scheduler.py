@@ -1,30 +1,34 @@
 """Continuous batching with one token budget per step (no prefill/decode phases).
 
 Each step the running requests go first, oldest first: one token for a decode, a chunk for a
-request still in its prefill. Then, if nobody was preempted, waiting requests join in FIFO order
-with their prefill chunked to the budget left. When KV blocks run out the newest running request
-is preempted by recompute: its blocks are freed and it goes back to the front of the queue, to
-run its prompt and the tokens it already generated again (its outputs are kept).
+request still in its prefill. Then, if nobody was preempted, waiting requests join in queue order
+with their prefill chunked to the budget left. When KV blocks run out a running request is
+preempted by recompute: its blocks are freed and it goes back to the queue, to run its prompt and
+the tokens it already generated again (its outputs are kept).
+
+The policy (`--scheduling-policy`) sets the queue order and the victim: `fcfs` queues by arrival,
+puts a preempted request back at the front and preempts the newest running request; `priority`
+queues by (priority, arrival), lowest first, and preempts the running request that ranks last,
+even one already scheduled in this step (its chunk is taken back out of the batch).
 
 Plain Python on ints (no torch); the runner turns a ``SchedulerOutput`` into tensors.
 """
 
 from __future__ import annotations
 
-from collections import deque
-
 from server.config import SchedulerConfig
 from server.errors import ContextTooLong, InvalidRequest, Overloaded
 from server.request import Request, RequestStatus
 from server.scheduler.kv_blocks import BlockPool, cdiv
 from server.scheduler.output import ScheduledSeq, SchedulerOutput
+from server.scheduler.request_queue import PriorityQueue, make_queue
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_pool: BlockPool):
         self.config = config
         self.block_pool = block_pool
-        self.waiting: deque[Request] = deque()
+        self.waiting = make_queue(config.policy)
         self.running: list[Request] = []  # the order they started running in; last is newest
         self.requests: dict[str, Request] = {}  # every unfinished request, waiting or running
         self.num_preemptions_total = 0
@@ -59,6 +63,12 @@ class Scheduler:
             raise InvalidRequest("The prompt is empty: at least one token is needed.", param="prompt")
         if request.request_id in self.requests:
             raise InvalidRequest(f"Request id {request.request_id!r} is already in use.")
+        if request.params.priority != 0 and self.config.policy != "priority":
+            raise InvalidRequest(
+                f"priority {request.params.priority} needs a server started with --scheduling-policy priority; "
+                "this one serves requests first come, first served (leave priority out or at 0).",
+                param="priority",
+            )
         max_tokens = request.params.max_tokens
         if num_prompt >= max_len:
             raise ContextTooLong(
@@ -90,7 +100,7 @@ class Scheduler:
             raise Overloaded(f"The server is overloaded: {len(self.waiting)} requests are waiting (the limit is {limit}).")
         request.max_tokens = max_tokens
         request.status = RequestStatus.WAITING
-        self.waiting.append(request)
+        self.waiting.add(request)
         self.requests[request.request_id] = request
 
     # ---- one step ----------------------------------------------------------------------------
@@ -106,7 +116,11 @@ class Scheduler:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while not pool.allocate(request, request.num_computed_tokens + num_new):
-                victim = self.running.pop()  # the newest
+                j = self._victim_index()
+                victim = self.running.pop(j)
+                if j < i:  # scheduled earlier in this step: take its chunk back
+                    budget += out.seqs.pop(j).num_new_tokens
+                    i -= 1
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is request:
@@ -118,15 +132,15 @@ class Scheduler:
                 continue
             break  # the request itself was preempted: it was the last one
 
-        # Then waiting requests, FIFO, unless memory is already short this step.
+        # Then waiting requests in queue order, unless memory is already short this step.
         while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
+            request = self.waiting.peek()
             computed_blocks, num_cached = pool.get_computed_blocks(request, record_stats=False)
             num_new = min(request.num_tokens - num_cached, budget)
             if not pool.allocate(request, num_cached + num_new, computed_blocks):
                 break  # no skipping: the head of the queue goes first
             pool.record_prefix_query(request, num_cached)  # counted once it starts, not per attempt
-            self.waiting.popleft()
+            self.waiting.pop()
             if request.num_preemptions == 0:
                 request.num_cached_tokens = num_cached
             request.num_computed_tokens = num_cached
@@ -136,13 +150,20 @@ class Scheduler:
             budget -= num_new
         return out
 
+    def _victim_index(self) -> int:
+        """Index in `running` of the request to preempt: the newest, or the one that ranks last."""
+        if self.config.policy != "priority":
+            return len(self.running) - 1
+        ranks = [PriorityQueue.rank(r) for r in self.running]
+        return max(range(len(ranks)), key=lambda k: (ranks[k], k))
+
     def _preempt(self, request: Request) -> None:
         self.block_pool.free(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions_total += 1
-        self.waiting.appendleft(request)
+        self.waiting.add_preempted(request)
 
     def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Record a step the runner ran: advance, cache, append sampled tokens, finish requests.
