@@ -359,3 +359,18 @@ def test_preempted_request_hits_its_own_blocks():
     assert cached == 8
     assert pool.allocate(a, 9, blocks)
     check_pool(pool, [a])
+
+
+def test_cache_salt_isolates_prefixes():
+    pool = BlockPool(16, BS)
+    tokens = list(range(1, 14))  # 3 full blocks before the last token
+    a = req("a", tokens, cache_salt="tenant-a")
+    run_prefill(pool, a)
+    assert pool.get_computed_blocks(req("b", tokens, cache_salt="tenant-b"))[1] == 0
+    assert pool.get_computed_blocks(req("plain", tokens))[1] == 0
+    same = req("a2", tokens, cache_salt="tenant-a")
+    assert pool.get_computed_blocks(same)[1] == 12  # the same salt shares every full block
+    plain = req("p", tokens)
+    run_prefill(pool, plain)
+    assert pool.get_computed_blocks(req("p2", tokens))[1] == 12
+    assert pool.get_computed_blocks(req("c", tokens, cache_salt="tenant-c"))[1] == 0

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from server.errors import InvalidRequest
 from server.request import Request, SamplingParams
 from server.runner.sampler import apply_penalties, build_sampling_batch, gather_logprobs, sample
 
@@ -108,3 +109,28 @@ def test_gather_logprobs_rank_and_top():
     assert lp.rank == 2
     assert lp.logprob == pytest.approx(logprobs[0, 2].item())
     assert [t for t, _ in lp.top] == [1, 2]
+
+
+def test_allowed_token_ids_limit_every_row_that_sets_them():
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 9.0]] * 2)
+    gen = torch.Generator().manual_seed(0)
+    rows = [_request(temperature=0, allowed_token_ids=[1, 3]), _request(temperature=0)]
+    assert sample(logits, _batch(rows), gen).tolist() == [1, 5]
+    assert _draws([0.0, 1.0, 0.0, 0.5, 2.0, 3.0], temperature=1.0, allowed_token_ids=[0, 3]) == {0, 3}
+
+
+def test_bad_words_ban_the_last_token_after_the_rest_of_the_word():
+    logits = torch.tensor([[0.0, 0.0, 0.0, 4.0, 5.0, 9.0]])
+    gen = torch.Generator().manual_seed(0)
+
+    def pick(output, words):
+        return sample(logits, _batch([_request(output=output, temperature=0, bad_words_token_ids=words)]), gen).item()
+
+    assert pick((), [[5]]) == 4  # a one-token word is always banned
+    assert pick((2,), [[1, 5]]) == 5  # the output does not end with the word's start
+    assert pick((2, 1), [[1, 5]]) == 4  # it does: its last token is banned
+    assert pick((0, 1), [[0, 1, 5], [4]]) == 3  # several words at once
+    with pytest.raises(InvalidRequest):
+        SamplingParams(bad_words_token_ids=[[]])
+    with pytest.raises(InvalidRequest):
+        SamplingParams(allowed_token_ids=[])

@@ -115,6 +115,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            preempted_itself = False
             while not pool.allocate(request, request.num_computed_tokens + num_new):
                 j = self._victim_index()
                 victim = self.running.pop(j)
@@ -124,13 +125,13 @@ class Scheduler:
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is request:
+                    preempted_itself = True
                     break
-            else:
-                out.seqs.append(ScheduledSeq(request, request.num_computed_tokens, num_new))
-                budget -= num_new
-                i += 1
-                continue
-            break  # the request itself was preempted: it was the last one
+            if preempted_itself:
+                continue  # running[i] is the next one now (under fcfs there is none: it was the newest)
+            out.seqs.append(ScheduledSeq(request, request.num_computed_tokens, num_new))
+            budget -= num_new
+            i += 1
 
         # Then waiting requests in queue order, unless memory is already short this step.
         while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
