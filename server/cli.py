@@ -1,16 +1,25 @@
-"""`pagedserve serve [MODEL]`, `pagedserve make-demo-model DIR`, `pagedserve bench ...`."""
+"""`pagedserve serve [MODEL]`, `pagedserve make-demo-model DIR`, `pagedserve bench ...`.
+
+`main` installs the start-up signal handlers before anything slow is imported: until uvicorn takes
+over with its draining handlers, SIGTERM or SIGINT (a pod deleted during a model download) ends the
+process at once with exit code 0. In a container the server is PID 1, and the kernel drops a signal
+that PID 1 has no handler for, so without them a stop would wait out the whole grace period. This
+module therefore imports only the standard library at the top; the rest is imported in functions.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import logging
+import os
+import signal
 import sys
-import typing
+from types import FrameType
+from typing import TYPE_CHECKING
 
-from server.bench import cli as bench_cli
-from server.config import EngineArgs, ServerConfig
-from server.errors import ConfigError, PagedServeError
+if TYPE_CHECKING:
+    from server.config import EngineArgs, ServerConfig
+
+_START_UP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 _ENGINE_HELP = {
     "model": "Hub id or local directory of the checkpoint (default: the built-in demo model).",
@@ -19,7 +28,8 @@ _ENGINE_HELP = {
     "tokenizer": "Tokenizer directory or Hub id, when it differs from the model's.",
     "chat_template": "A Jinja chat template file that overrides the tokenizer's.",
     "served_model_name": "Model name(s) the API answers to (default: MODEL).",
-    "dtype": "Weights and activations dtype: auto, bfloat16, float16 or float32 (auto: float32 on CPU).",
+    "dtype": "Weights and activations dtype: auto, bfloat16 (bf16), float16 (half, fp16) or float32 (float, fp32); "
+    "auto: float32 on CPU, the checkpoint's dtype on GPU.",
     "max_model_len": "Prompt plus output tokens at most (default: the model's max_position_embeddings).",
     "seed": "Seed of the sampler for requests without their own seed.",
     "device": "auto, cpu or cuda.",
@@ -31,9 +41,8 @@ _ENGINE_HELP = {
     "num_gpu_blocks_override": "Use exactly this many KV blocks.",
     "max_num_batched_tokens": "Token budget of one engine step (prefill chunks plus decodes).",
     "max_num_seqs": "Sequences running at once at most.",
-    "max_queued_requests": "Waiting requests at most; past it requests get 429 (default: unbounded).",
-    "scheduling_policy": "fcfs: first come, first served; priority: waiting requests by their 'priority' field "
-    "(lower first, then arrival), and memory shortage preempts the lowest priority first.",
+    "max_queued_requests": "Waiting requests at most; past it requests get 429 and /ready turns 503 "
+    "(default: 2 x --max-num-seqs; -1: unbounded).",
 }
 
 
@@ -41,8 +50,22 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _exit_during_start_up(sig: int, frame: FrameType | None) -> None:
+    # Nothing to clean up before the server listens; os._exit also skips joining download threads.
+    os.write(2, f"pagedserve: received {signal.Signals(sig).name} during start-up: exiting\n".encode())
+    os._exit(0)
+
+
+def install_start_up_signal_handlers() -> dict:
+    """Exit 0 at once on SIGTERM or SIGINT; returns the handlers they replace."""
+    return {sig: signal.signal(sig, _exit_during_start_up) for sig in _START_UP_SIGNALS}
+
+
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: set[str], help_text: dict[str, str]) -> None:
     """One flag per field, typed from the field's annotation and defaulting to the field's default."""
+    import dataclasses
+    import typing
+
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
@@ -62,6 +85,9 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: set[str], h
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from server.bench import cli as bench_cli
+    from server.config import EngineArgs, ServerConfig
+
     parser = argparse.ArgumentParser(prog="pagedserve", description="An LLM inference server.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -78,17 +104,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def split_args(ns: argparse.Namespace) -> tuple[EngineArgs, ServerConfig]:
+    """The validated configs of `pagedserve serve`, with the server's defaults (a bounded queue)."""
+    import dataclasses
+
+    from server.config import EngineArgs, ServerConfig
+
     values = vars(ns)
     engine = EngineArgs(**{f.name: values[f.name] for f in dataclasses.fields(EngineArgs) if f.name in values})
     server = ServerConfig(**{f.name: values[f.name] for f in dataclasses.fields(ServerConfig) if f.name in values})
     engine.validate()
     server.validate()
-    return engine, server
+    return engine.for_server(), server
 
 
 def main(argv: list[str] | None = None) -> int:
+    previous = install_start_up_signal_handlers()  # first: see the module docstring
+    import logging
+
+    from server.errors import ConfigError, PagedServeError
+
     parser = build_parser()
     ns = parser.parse_args(argv)
+    if ns.command != "serve":  # only the server has nothing to lose when stopped during start-up
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if ns.command == "make-demo-model":

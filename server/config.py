@@ -12,8 +12,21 @@ from typing import ClassVar
 
 from server.errors import ConfigError
 
-SCHEDULING_POLICIES = ("fcfs", "priority")
-DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32")
+# --dtype values (vLLM's names and the usual short ones) -> the canonical name every other part reads.
+DTYPE_ALIASES = {
+    "auto": "auto",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "half": "float16",
+    "fp16": "float16",
+    "float32": "float32",
+    "float": "float32",
+    "fp32": "float32",
+}
+# The server's default bound on waiting requests, per running sequence (--max-num-seqs).
+QUEUED_PER_SEQ = 2
+UNBOUNDED_QUEUE = -1  # --max-queued-requests -1
 
 
 @dataclass(frozen=True)
@@ -46,7 +59,6 @@ class SchedulerConfig:
     max_num_seqs: int = 128  # running sequences at most
     max_model_len: int = 2048  # prompt + output tokens at most
     max_queued_requests: int | None = None  # waiting requests at most; None: unbounded
-    policy: str = "fcfs"  # "fcfs" or "priority": the order of the waiting queue
 
 
 @dataclass
@@ -69,8 +81,11 @@ class EngineArgs:
     num_gpu_blocks_override: int | None = None
     max_num_batched_tokens: int | None = None
     max_num_seqs: int = 128
-    max_queued_requests: int | None = None
-    scheduling_policy: str = "fcfs"
+    max_queued_requests: int | None = None  # None: unbounded here, the server's default with for_server()
+
+    def __post_init__(self) -> None:
+        # An alias becomes its canonical name here, so every other part reads only those; validate() rejects the rest.
+        self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -93,7 +108,10 @@ class EngineArgs:
             if not ok:
                 raise ConfigError(message)
 
-        need(self.dtype in DTYPES, f"Unknown --dtype {self.dtype!r}. Choose one of: auto, bfloat16, float16, float32.")
+        need(
+            self.dtype in DTYPE_ALIASES,
+            f"Unknown --dtype {self.dtype!r}. Choose one of: auto, bfloat16 (bf16), float16 (half, fp16), float32 (float, fp32).",
+        )
         need(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), f"--block-size must be a power of two up to 128, got {self.block_size}.")
         need(self.max_num_seqs >= 1, f"--max-num-seqs must be at least 1, got {self.max_num_seqs}.")
         need(self.max_model_len is None or self.max_model_len >= 1, f"--max-model-len must be positive, got {self.max_model_len}.")
@@ -104,14 +122,19 @@ class EngineArgs:
         need(self.kv_cache_memory is None or self.kv_cache_memory > 0, f"--kv-cache-memory must be > 0 GiB, got {self.kv_cache_memory}.")
         need(0 < self.gpu_memory_utilization <= 1, f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
         need(
-            self.max_queued_requests is None or self.max_queued_requests >= 1,
-            f"--max-queued-requests must be at least 1 (every request waits before it runs), got {self.max_queued_requests}.",
-        )
-        need(
-            self.scheduling_policy in SCHEDULING_POLICIES,
-            f"--scheduling-policy must be fcfs or priority, got {self.scheduling_policy!r}.",
+            self.max_queued_requests in (None, UNBOUNDED_QUEUE) or self.max_queued_requests >= 1,
+            f"--max-queued-requests must be at least 1 (every request waits before it runs), or -1 for no limit, "
+            f"got {self.max_queued_requests}.",
         )
         need(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}.")
+
+    def for_server(self) -> EngineArgs:
+        """These arguments with the HTTP server's default queue bound, QUEUED_PER_SEQ x max_num_seqs, when
+        none was given: an overloaded replica answers 429 (and /ready 503) instead of taking work it would
+        time out on. The offline LLM takes every prompt it is given, so it keeps None (unbounded)."""
+        if self.max_queued_requests is not None:
+            return self
+        return dataclasses.replace(self, max_queued_requests=QUEUED_PER_SEQ * self.max_num_seqs)
 
     def served_names(self, model: str) -> tuple[str, ...]:
         names = self.served_model_name
@@ -154,8 +177,7 @@ class EngineArgs:
             max_num_batched_tokens=budget,
             max_num_seqs=self.max_num_seqs,
             max_model_len=max_model_len,
-            max_queued_requests=self.max_queued_requests,
-            policy=self.scheduling_policy,
+            max_queued_requests=None if self.max_queued_requests == UNBOUNDED_QUEUE else self.max_queued_requests,
         )
 
 

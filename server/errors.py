@@ -42,8 +42,17 @@ class Overloaded(PagedServeError):
 
 
 class EngineDead(PagedServeError):
+    """The engine is not running (it died or stopped): new requests get 503."""
+
     status_code = 503
     error_type = "service_unavailable"
+
+
+class EngineFailed(PagedServeError):
+    """The engine loop died while the request was in flight: 500, and the server exits to be restarted."""
+
+    status_code = 500
+    error_type = "internal_error"
 
 
 class ConfigError(ValueError):

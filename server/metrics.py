@@ -19,8 +19,9 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 REQUEST_BUCKETS = (0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 ITERATION_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
-FAILURE_REASONS = ("validation", "unauthorized", "overloaded", "aborted", "disconnected", "engine_error", "draining")
-STARTUP_PHASES = ("download", "load_weights", "kv_cache", "compile", "warmup")
+# Why a request was refused or did not finish. An engine-side abort has no reason of its own: its cause
+# (the client went away, the server drained, the engine failed) is what gets counted, once.
+FAILURE_REASONS = ("validation", "unauthorized", "overloaded", "disconnected", "engine_error", "draining")
 
 
 @dataclass
@@ -121,8 +122,10 @@ class Metrics:
             self.request_success.labels(model_name, reason)
 
     def set_startup(self, phases: dict[str, float], block_size: int, num_blocks: int, cache_dtype: str, prefix_caching: bool) -> None:
-        for phase in STARTUP_PHASES:
-            self.startup_seconds.labels(self.model_name, phase).set(phases.get(phase, 0.0))
+        """`phases`: seconds of each start-up phase that ran (download, load_weights, kv_cache, and compile or
+        warmup once the engine has such steps); a phase that did not run has no series rather than a 0."""
+        for phase, seconds in phases.items():
+            self.startup_seconds.labels(self.model_name, phase).set(seconds)
         self.cache_config_info.labels(self.model_name, str(block_size), str(num_blocks), cache_dtype, str(prefix_caching)).set(1)
 
     def observe_step(self, stats: StepStats) -> None:

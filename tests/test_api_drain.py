@@ -112,3 +112,85 @@ def test_shutdown_deadline_ends_unfinished_requests():
         assert running.core.block_pool.usage == 0
     finally:
         running.stop()
+
+
+# ---- signals before uvicorn serves ------------------------------------------------------------
+
+
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process `pid` has a handler for `sig` (the SigCgt mask of /proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+class LineReader(threading.Thread):
+    """Collects a process's stderr lines in the background, so that a test can wait for one with a timeout."""
+
+    def __init__(self, stream):
+        super().__init__(daemon=True)
+        self.stream, self.lines = stream, []
+
+    def run(self) -> None:
+        for raw in self.stream:
+            self.lines.append(raw.decode(errors="replace"))
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        _wait_for(lambda: any(text in line for line in self.lines), timeout, repr(text))
+
+
+def test_sigterm_right_after_exec_exits_zero_before_the_slow_imports():
+    """The handler is there before torch (or fastapi's pydantic-core) is imported: a SIGTERM that comes
+    as soon as the process can take one ends it at once with 0. In a container, where the server is
+    PID 1, a signal without a handler is dropped, and the pod would wait out its grace period."""
+    command = [sys.executable, "-m", "server", "serve", str(ensure_demo_model()), "--port", str(free_port())]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    try:
+        started = time.monotonic()
+        while not _catches(proc.pid, signal.SIGTERM):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() - started < 60, "no SIGTERM handler after 60 s"
+            time.sleep(0.001)
+        with open(f"/proc/{proc.pid}/maps") as maps:
+            mapped = maps.read()
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        code = proc.wait(10)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stderr = proc.communicate()[1].decode(errors="replace")
+    assert "/torch/" not in mapped and "pydantic_core" not in mapped, "the handler came after the heavy imports"
+    assert code == 0, stderr
+    assert took < 2.0, f"exited {took:.2f} s after SIGTERM"
+    assert "received SIGTERM during start-up" in stderr
+
+
+def test_sigterm_while_the_model_loads_exits_zero_and_a_keyless_public_host_is_warned_about():
+    """On 0.0.0.0 without a key the server warns before it loads the model; a SIGTERM then (still
+    loading, nothing listens yet) ends it at once with 0."""
+    command = [
+        sys.executable, "-m", "server", "serve", str(ensure_demo_model()), "--host", "0.0.0.0", "--port", str(free_port()),
+        "--dtype", "float32", "--max-model-len", "512", "--kv-cache-memory", "0.25",
+    ]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PAGEDSERVE_API_KEY": ""}
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    reader = LineReader(proc.stderr)
+    reader.start()
+    try:
+        reader.wait_for("without an API key", 120)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(5)
+    output = "".join(reader.lines)
+    warning = next(line for line in reader.lines if "without an API key" in line)
+    assert "WARNING" in warning and "0.0.0.0" in warning and "--api-key" in warning
+    assert code == 0, output
+    assert "received SIGTERM during start-up" in output

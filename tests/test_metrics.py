@@ -8,7 +8,10 @@ import time
 
 import httpx
 import pytest
+from api_server import disconnect_mid_request
 from prometheus_client.parser import text_string_to_metric_families
+
+from server.metrics import Metrics
 
 P = "pagedserve:"
 
@@ -82,6 +85,52 @@ def test_startup_and_cache_config_are_exported(api_server):
     info = [dict(labels) for (name, labels), v in samples.items() if name == P + "cache_config_info" and v == 1]
     assert info and info[0]["block_size"] == "16" and int(info[0]["num_gpu_blocks"]) > 0
     assert info[0]["enable_prefix_caching"] == "True"
+
+
+def label_values(samples, name: str, label: str) -> set[str]:
+    return {dict(labels)[label] for (n, labels) in samples if n == name}
+
+
+def test_only_start_up_phases_that_ran_are_exported(api_server):
+    """No compile or warm-up step runs: no series for them, rather than a 0 that reads as "instant"."""
+    phases = label_values(scrape(api_server), P + "startup_phase_seconds", "phase")
+    assert phases == {"download", "load_weights", "kv_cache"}
+
+
+def test_a_phase_is_exported_once_the_engine_reports_it():
+    metrics = Metrics("m", 512)
+    metrics.set_startup({"load_weights": 1.5, "compile": 7.0}, block_size=16, num_blocks=8, cache_dtype="float32", prefix_caching=True)
+    samples = {(s.name, s.labels.get("phase")): s.value for f in text_string_to_metric_families(metrics.render().decode()) for s in f.samples}
+    assert samples[(P + "startup_phase_seconds", "compile")] == 7.0
+    assert (P + "startup_phase_seconds", "warmup") not in samples
+
+
+def test_every_failure_reason_has_a_source(api_server):
+    """An engine-side abort is counted by its cause (disconnected, draining, engine_error), never as "aborted"."""
+    reasons = label_values(scrape(api_server), P + "request_failures_total", "reason")
+    assert reasons == {"validation", "unauthorized", "overloaded", "disconnected", "engine_error", "draining"}
+
+
+def test_an_aborted_request_is_counted_as_finished_by_abort(api_server):
+    """As vLLM does: request_success_total{finished_reason="abort"}, with its latency and sizes observed;
+    the cause (the client went away) is counted once in request_failures_total."""
+    before = wait_gauges_idle(api_server)
+    body = {"prompt": "Go on and on", "max_tokens": 480, "min_tokens": 480, "temperature": 0, "stream": True}
+    disconnect_mid_request(api_server, "/v1/completions", body, streaming=True)
+
+    def delta(samples, name, **labels):
+        return value(samples, P + name, **labels) - value(before, P + name, **labels)
+
+    deadline = time.monotonic() + 5
+    while delta(after := scrape(api_server), "request_success_total", finished_reason="abort") == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert delta(after, "request_success_total", finished_reason="abort") == 1
+    assert delta(after, "request_success_total") == 1
+    assert delta(after, "e2e_request_latency_seconds_count") == 1
+    assert delta(after, "request_generation_tokens_count") == 1 and delta(after, "request_generation_tokens_sum") >= 1
+    assert delta(after, "request_failures_total", reason="disconnected") == 1
+    assert delta(after, "request_failures_total") == 1
+    assert delta(after, "http_requests_client_disconnected_total") == 1
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed (apt package prometheus)")

@@ -1,15 +1,22 @@
 """`pagedserve serve`: build the engine, serve the app with uvicorn, drain gracefully on SIGTERM.
 
-On the first SIGTERM or SIGINT the server keeps listening but drains: /ready answers 503 at once,
-new inference requests get 503, and requests in flight get `--shutdown-timeout` seconds to
-finish before they are ended with an error. Then uvicorn stops and the process exits 0. A second
-signal stops at once.
+While the model loads, the handlers `server.cli.main` installed first thing end the process at once
+with exit code 0. Once uvicorn serves, the first SIGTERM or SIGINT drains: the server keeps listening,
+/ready answers 503 at once, new inference requests get 503, and requests in flight get
+`--shutdown-timeout` seconds to finish before they are ended with an error. Then uvicorn stops and
+the process exits 0. A second signal stops at once.
+
+If the engine loop dies, the requests in flight have already failed with a 500 and /health answers
+503; the server then stops and the process exits 1, so that Kubernetes (or any supervisor) restarts
+it rather than keep a live API in front of a dead engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import os
 import signal
 from types import FrameType
 
@@ -25,19 +32,40 @@ from server.engine.core import EngineCore
 logger = logging.getLogger(__name__)
 
 
-class DrainingServer(uvicorn.Server):
-    """uvicorn.Server whose exit signals drain the app first (and are not re-raised afterwards)."""
+_ENGINE_WATCH_S = 0.2  # how often the server checks that the engine loop still runs
 
-    def __init__(self, config: uvicorn.Config, state: ServerState):
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose exit signals drain the app first (and are not re-raised afterwards), and that
+    stops by itself when the engine dies (`engine_died` then tells the caller), unless told not to."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, exit_when_engine_dies: bool = True):
         super().__init__(config)
         self._state = state
+        self._exit_when_engine_dies = exit_when_engine_dies
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task | None = None
         self._signalled = False
+        self.engine_died = False
 
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
-        await super().serve(sockets)
+        watcher = asyncio.ensure_future(self._watch_engine()) if self._exit_when_engine_dies else None
+        try:
+            await super().serve(sockets)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+
+    async def _watch_engine(self) -> None:
+        client = self._state.client
+        while not self.should_exit:
+            if client.has_died:
+                logger.error("The engine loop died (%s): stopping the server", client.dead_reason)
+                self.engine_died = True
+                self.should_exit = True
+                return
+            await asyncio.sleep(_ENGINE_WATCH_S)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._signalled or self._loop is None:
@@ -71,23 +99,37 @@ def uvicorn_config(app, server_config: ServerConfig) -> uvicorn.Config:
     )
 
 
-def _exit_while_loading(sig: int, frame: FrameType | None) -> None:
-    logger.info("Received %s while loading the model: exiting", signal.Signals(sig).name)
-    raise SystemExit(0)
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or a name) only listens on this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # another name: it may resolve to any interface
+
+
+def open_access_warning(host: str, api_key: str | None) -> str | None:
+    """The start-up warning for a server that listens beyond loopback without an API key, else None."""
+    if api_key or is_loopback(host):
+        return None
+    return (
+        f"Listening on {host} without an API key: anyone who can reach this address can use the model. "
+        "Set --api-key (or PAGEDSERVE_API_KEY), or listen on 127.0.0.1 behind a proxy that authenticates."
+    )
 
 
 def run_server(engine_args: EngineArgs, server_config: ServerConfig) -> int:
+    """Load the model and serve until stopped: 0 after a drain, 1 when the server could not start or the
+    engine died. SIGTERM while the model loads is handled by `server.cli.main`'s handlers."""
     configure_logging(server_config.log_format)
-    # Until uvicorn installs its draining handlers, a SIGTERM (a pod deleted during a download)
-    # ends the process at once instead of waiting out the grace period.
-    previous = signal.signal(signal.SIGTERM, _exit_while_loading)
-    try:
-        client = EngineClient(EngineCore(engine_args))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    warning = open_access_warning(server_config.host, server_config.api_key or os.environ.get("PAGEDSERVE_API_KEY"))
+    if warning is not None:
+        logger.warning(warning)
+    client = EngineClient(EngineCore(engine_args))
     app = build_app(client, server_config)
     server = DrainingServer(uvicorn_config(app, server_config), app.state.server)
     server.run()
-    if not server.started:
+    if not server.started or server.engine_died:
         return 1
     return 0

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 
 from server.engine.core import EngineCore
 from server.engine.messages import AbortRequest, GenerateRequest, RequestOutput
-from server.errors import EngineDead, PagedServeError
+from server.errors import EngineDead, EngineFailed, PagedServeError
 from server.metrics import StepStats
 from server.request import SamplingParams
 
@@ -62,6 +62,11 @@ class EngineClient:
         }
 
     @property
+    def has_died(self) -> bool:
+        """The loop ended on an error: the engine cannot serve any more (the process should exit)."""
+        return self.dead_reason is not None
+
+    @property
     def is_alive(self) -> bool:
         """The loop thread runs and is not stuck inside one step."""
         if self.dead_reason is not None or self._thread is None or not self._thread.is_alive():
@@ -86,7 +91,9 @@ class EngineClient:
             raise EngineDead(f"The engine is not running: {self.dead_reason or 'stopped'}.")
         request_id = request_id or uuid.uuid4().hex
         deltas: asyncio.Queue = asyncio.Queue()
-        with self._lock:
+        with self._lock:  # the loop's death and this registration are ordered: one of them sees the other
+            if self.dead_reason is not None:
+                raise EngineDead(f"The engine is not running: {self.dead_reason}.")
             self._queues[request_id] = (asyncio.get_running_loop(), deltas)
         self._inbox.put(GenerateRequest(request_id, list(prompt_token_ids), params, time.monotonic()))
         open_choices = set(range(params.n))
@@ -127,8 +134,7 @@ class EngineClient:
                     self._on_step(stats)
         except Exception as exc:  # the loop must never die silently
             logger.exception("The engine loop died")
-            self.dead_reason = f"{type(exc).__name__}: {exc}"
-            self._fail_all(EngineDead(f"The engine failed: {self.dead_reason}"))
+            self._die(f"{type(exc).__name__}: {exc}")
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -169,10 +175,13 @@ class EngineClient:
                 loop, deltas = target
                 loop.call_soon_threadsafe(deltas.put_nowait, out)
 
-    def _fail_all(self, error: PagedServeError) -> None:
+    def _die(self, reason: str) -> None:
+        """Mark the engine dead and fail every request in flight at once (500); new ones get EngineDead (503)."""
         with self._lock:
+            self.dead_reason = reason
             targets = list(self._queues.items())
         for request_id, (loop, deltas) in targets:
+            error = EngineFailed("The engine failed while running this request and the server is restarting; retry it.")
             loop.call_soon_threadsafe(deltas.put_nowait, _error_output(request_id, error))
 
 

@@ -70,6 +70,7 @@ class EngineCore:
         self.scheduler = Scheduler(self.scheduler_config, self.block_pool)
         self._choices: dict[str, _Choice] = {}  # scheduler request id -> choice
         self._children: dict[str, list[str]] = {}  # parent id -> scheduler request ids
+        self._aborted: list[FinishedStats] = []  # choices aborted since the last stats, reported with the next
         self._backend_tokenizer = getattr(self.tokenizer, "backend_tokenizer", None) or self.tokenizer._tokenizer
         self.startup_seconds = time.perf_counter() - started
         logger.info("Engine ready: %s on %s in %.1f s", model, device, self.startup_seconds)
@@ -113,11 +114,19 @@ class EngineCore:
         self._children[req.request_id] = added
 
     def abort(self, request_id: str) -> None:
-        """Stop a request (all its choices) and free its KV blocks now."""
+        """Stop a request (all its choices) and free its KV blocks now. Each unfinished choice counts as
+        finished with reason "abort" in the next stats, with its timings, as vLLM counts aborted requests."""
+        now = time.monotonic()
         for child_id in self._children.pop(request_id, []):
             self.scheduler.finish(child_id, RequestStatus.FINISHED_ABORTED)
-            self._choices.pop(child_id, None)
+            choice = self._choices.pop(child_id, None)
             self.runner.release(child_id)
+            if choice is not None:
+                self._aborted.append(self._finished_stats(choice, now))
+
+    def _take_aborted(self) -> list[FinishedStats]:
+        aborted, self._aborted = self._aborted, []
+        return aborted
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -135,6 +144,7 @@ class EngineCore:
             kv_usage=self.block_pool.usage,
             prefix_queries=self.block_pool.prefix_queries,
             prefix_hits=self.block_pool.prefix_hits,
+            finished=self._take_aborted(),
         )
 
     # ---- one step -------------------------------------------------------------------------
@@ -146,7 +156,7 @@ class EngineCore:
             choice = self._choices.get(preempted.request_id)
             if choice is not None and not choice.prompt_logprobs_sent:
                 choice.prompt_logprobs.clear()
-        stats = StepStats(num_preempted=len(batch.preempted))
+        stats = StepStats(num_preempted=len(batch.preempted), finished=self._take_aborted())
         outputs: list[RequestOutput] = []
         if not batch.empty:
             now = time.monotonic()
