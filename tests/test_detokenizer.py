@@ -70,3 +70,20 @@ def test_stop_strings_are_ignored_until_check_stop(tokenizer):
     pieces = [detok.step(t, check_stop=i >= len(first)) for i, t in enumerate(ids)]
     assert detok.stopped_by == "STOP"
     assert "".join(pieces) == "a STOP b "
+
+
+def test_spaces_between_special_tokens_false_joins_added_tokens():
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    wordpiece = Tokenizer(models.WordPiece({"[UNK]": 0, "hello": 1, "world": 2, "[A]": 3, "[B]": 4}, unk_token="[UNK]"))
+    wordpiece.pre_tokenizer = pre_tokenizers.Whitespace()
+    wordpiece.decoder = decoders.WordPiece()  # writes a space before every token but word pieces
+    wordpiece.add_special_tokens([AddedToken("[A]", special=True), AddedToken("[B]", special=True)])
+
+    def text(spaces: bool, skip: bool = False) -> str:
+        detok = IncrementalDetokenizer(wordpiece, [], [], False, skip, spaces)
+        return "".join(detok.step(t) for t in [1, 3, 4, 2]) + detok.flush()
+
+    assert text(spaces=True) == "hello [A] [B] world"
+    assert text(spaces=False) == "hello [A][B] world"  # vLLM's rule: only between two added tokens
+    assert text(spaces=False, skip=True) == "hello world"

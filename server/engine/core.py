@@ -104,6 +104,7 @@ class EngineCore:
                     params.stop,
                     params.include_stop_str_in_output,
                     params.skip_special_tokens,
+                    params.spaces_between_special_tokens,
                 )
                 self._choices[child_id] = _Choice(request, req.request_id, index, detok)
         except Exception:

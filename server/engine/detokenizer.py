@@ -13,13 +13,29 @@ class IncrementalDetokenizer:
     `step(token_id)` returns the text that is now safe to send. A suffix that could still grow into a
     stop string is held back; when a stop string completes, `stopped_by` is set and the text ends
     before it (or after it with `include_stop_str_in_output`).
+
+    With `spaces_between_special_tokens=False` (and special tokens kept), an added token that follows
+    another one is written as its bare content, without the space a decoder (WordPiece, Metaspace)
+    puts before it: vLLM's rule for fast tokenizers. Byte-level decoders never add one.
     """
 
-    def __init__(self, backend_tokenizer, prompt_token_ids: list[int], stop: list[str], include_stop: bool, skip_special_tokens: bool):
+    def __init__(
+        self,
+        backend_tokenizer,
+        prompt_token_ids: list[int],
+        stop: list[str],
+        include_stop: bool,
+        skip_special_tokens: bool,
+        spaces_between_special_tokens: bool = True,
+    ):
         self._tokenizer = backend_tokenizer
         prime = prompt_token_ids[-_PRIME_TOKENS:]
         self._stream = DecodeStream(ids=prime or None, skip_special_tokens=skip_special_tokens)
         self._skip_special_tokens = skip_special_tokens
+        self._added: dict[int, str] = {}  # added token id -> content, when spaces between them are dropped
+        if not (skip_special_tokens or spaces_between_special_tokens):
+            self._added = {i: t.content for i, t in backend_tokenizer.get_added_tokens_decoder().items()}
+        self._last_added = False
         self._ids: list[int] = []
         self._stop = stop
         self._include_stop = include_stop
@@ -32,6 +48,11 @@ class IncrementalDetokenizer:
         """The text now safe to send. `check_stop=False` (before min_tokens) ignores stop strings."""
         self._ids.append(token_id)
         piece = self._stream.step(self._tokenizer, token_id) or ""
+        if self._added:
+            content = self._added.get(token_id)
+            if content is not None and self._last_added:
+                piece = content
+            self._last_added = content is not None
         if self.stopped_by is not None:
             return ""
         before = len(self.text)
