@@ -176,6 +176,8 @@ expect_failure "dtype" --set dtype=int4
 expect_failure "keda.threshold" --set keda.threshold=-1
 expect_failure "autoscaling.metricName" --set autoscaling.metricName=pagedserve:num_requests_waiting
 expect_failure "must not exceed" --set keda.enabled=true --set keda.minReplicaCount=5 --set keda.maxReplicaCount=2
+expect_failure "without an API key" --set ingress.enabled=true
+expect_failure "maxQueuedRequests" --set maxQueuedRequests=0
 
 # ------------------------------------------------------------------------------------------------
 # Manifests: core kinds against the Kubernetes OpenAPI schemas (strict: unknown fields fail)

@@ -85,6 +85,7 @@ ALL_ON = [
     "prometheusRule.enabled=true",
     "grafanaDashboard.enabled=true",
     "ingress.enabled=true",
+    "apiKey.existingSecret=llm-api-key",  # an Ingress needs a key
 ]
 
 
@@ -174,6 +175,16 @@ def test_default_args_serve_the_demo_model_under_a_stable_name():
     engine, _ = split_args(build_parser().parse_args(["serve", *args]))
     assert engine.model is None  # the built-in demo model
     assert engine.served_model_name == ["pagedserve-demo"]
+
+
+@pytest.mark.parametrize(("values", "bound"), [({}, 256), ({"maxNumSeqs": 16}, 32), ({"maxQueuedRequests": -1}, -1)])
+def test_the_queue_is_bounded_unless_asked_otherwise(values, bound):
+    """maxQueuedRequests null passes no flag: the server's default, 2 x --max-num-seqs; -1 is unbounded."""
+    from server.cli import build_parser, split_args
+
+    args = container(render(values=values))["args"]
+    engine, _ = split_args(build_parser().parse_args(["serve", *args]))
+    assert engine.max_queued_requests == bound
 
 
 # --- Resources and scheduling -------------------------------------------------------------------
@@ -445,10 +456,26 @@ def test_replicas_without_autoscaling():
 
 @pytest.mark.parametrize(
     "bad",
-    ["server.port=0", "dtype=int3", "keda.minReplicaCount=0", "probes.readiness.path=ready", "unknownKey=1"],
+    ["server.port=0", "dtype=int3", "keda.minReplicaCount=0", "probes.readiness.path=ready", "unknownKey=1",
+     "maxQueuedRequests=0", "maxQueuedRequests=-2", "allowUnauthenticated=yes"],
 )
 def test_schema_rejects_bad_values(bad):
     assert render(bad, check=False), f"{bad} was accepted"
+
+
+def test_an_ingress_without_an_api_key_is_refused():
+    err = render("ingress.enabled=true", check=False)
+    assert "without an API key" in err and "apiKey.existingSecret" in err and "allowUnauthenticated=true" in err
+
+
+@pytest.mark.parametrize(
+    "sets", [["apiKey.existingSecret=llm-api-key"], ["apiKey.value=s3cret"], ["allowUnauthenticated=true"]]
+)
+def test_an_ingress_renders_with_a_key_or_when_allowed_unauthenticated(sets):
+    objects = render("ingress.enabled=true", *sets)
+    one(objects, "Ingress")
+    env = {e["name"] for e in container(objects).get("env", [])}
+    assert ("PAGEDSERVE_API_KEY" in env) == (sets[0] != "allowUnauthenticated=true")
 
 
 def test_ci_values_files_render():
