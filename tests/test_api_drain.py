@@ -12,6 +12,7 @@ import time
 
 import httpx
 from api_server import free_port, start_server
+from prometheus_client.parser import text_string_to_metric_families
 
 from server.demo import ensure_demo_model
 
@@ -110,6 +111,14 @@ def test_shutdown_deadline_ends_unfinished_requests():
         running.thread.join(30)
         assert not running.thread.is_alive()
         assert running.core.block_pool.usage == 0
+        # each is counted once by its cause (draining), and as finished by abort, as vLLM counts it
+        samples = {
+            (s.name, s.labels.get("reason") or s.labels.get("finished_reason")): s.value
+            for family in text_string_to_metric_families(running.state.metrics.render().decode())
+            for s in family.samples
+        }
+        assert samples[("pagedserve:request_failures_total", "draining")] == 2
+        assert samples[("pagedserve:request_success_total", "abort")] == 2
     finally:
         running.stop()
 
