@@ -289,3 +289,17 @@ def test_any_header_bytes(path, api_server, http):
 
     run()
     api_server.wait_idle(timeout=30)
+
+
+def test_any_bytes_in_the_model_path(api_server, http):
+    """GET /v1/models/{model_id} with any bytes percent-encoded (invalid UTF-8, NUL, slashes)."""
+
+    @_seed("model path")
+    @FUZZ
+    @given(raw=st.binary(max_size=40))
+    def run(raw):
+        response = http.get("/v1/models/" + "".join(f"%{b:02X}" for b in raw))
+        _check("/v1/models", response, {"path": raw.hex()})
+        assert response.status_code in (200, 404), response.text
+
+    run()

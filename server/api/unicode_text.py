@@ -15,6 +15,8 @@ from pydantic_core import PydanticCustomError
 ERROR_TYPE = "invalid_unicode"
 
 _Path = tuple[str | int, ...]
+_NESTED = (str, dict, list)  # what may hold text; numbers, booleans and null cannot
+_NESTED_TYPES = frozenset(_NESTED)  # the exact types json decodes into
 
 
 def param_name(path: _Path) -> str | None:
@@ -49,16 +51,14 @@ def find_lone_surrogate(data: Any) -> tuple[_Path, bool, str, int] | None:
                 return path, is_key, value, index
         elif isinstance(value, dict):
             for key, item in reversed(value.items()):
-                if _walks(item):
+                if isinstance(item, _NESTED):
                     stack.append(((*path, key), item, False))
                 stack.append((path, key, True))  # popped before its value
-        elif isinstance(value, list):
-            stack.extend(((*path, i), value[i], False) for i in reversed(range(len(value))) if _walks(value[i]))
+        elif isinstance(value, list) and not _NESTED_TYPES.isdisjoint(map(type, value)):  # C speed for token ids
+            for i in range(len(value) - 1, -1, -1):
+                if isinstance(value[i], _NESTED):
+                    stack.append(((*path, i), value[i], False))
     return None
-
-
-def _walks(value: Any) -> bool:
-    return isinstance(value, (str, dict, list))
 
 
 def refuse_lone_surrogates(data: Any) -> Any:
