@@ -43,6 +43,8 @@ _ENGINE_HELP = {
     "max_num_seqs": "Sequences running at once at most.",
     "max_queued_requests": "Waiting requests at most; past it requests get 429 and /ready turns 503 "
     "(default: 2 x --max-num-seqs; -1: unbounded).",
+    "scheduling_policy": "fcfs: first come, first served; priority: waiting requests by their 'priority' field "
+    "(lower first, then arrival), and memory shortage preempts the lowest priority first.",
 }
 
 

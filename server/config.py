@@ -12,6 +12,7 @@ from typing import ClassVar
 
 from server.errors import ConfigError
 
+SCHEDULING_POLICIES = ("fcfs", "priority")
 # --dtype values (vLLM's names and the usual short ones) -> the canonical name every other part reads.
 DTYPE_ALIASES = {
     "auto": "auto",
@@ -59,6 +60,7 @@ class SchedulerConfig:
     max_num_seqs: int = 128  # running sequences at most
     max_model_len: int = 2048  # prompt + output tokens at most
     max_queued_requests: int | None = None  # waiting requests at most; None: unbounded
+    policy: str = "fcfs"  # "fcfs" or "priority": the order of the waiting queue
 
 
 @dataclass
@@ -82,6 +84,7 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     max_num_seqs: int = 128
     max_queued_requests: int | None = None  # None: unbounded here, the server's default with for_server()
+    scheduling_policy: str = "fcfs"
 
     def __post_init__(self) -> None:
         # An alias becomes its canonical name here, so every other part reads only those; validate() rejects the rest.
@@ -125,6 +128,10 @@ class EngineArgs:
             self.max_queued_requests in (None, UNBOUNDED_QUEUE) or self.max_queued_requests >= 1,
             f"--max-queued-requests must be at least 1 (every request waits before it runs), or -1 for no limit, "
             f"got {self.max_queued_requests}.",
+        )
+        need(
+            self.scheduling_policy in SCHEDULING_POLICIES,
+            f"--scheduling-policy must be fcfs or priority, got {self.scheduling_policy!r}.",
         )
         need(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}.")
 
@@ -178,6 +185,7 @@ class EngineArgs:
             max_num_seqs=self.max_num_seqs,
             max_model_len=max_model_len,
             max_queued_requests=None if self.max_queued_requests == UNBOUNDED_QUEUE else self.max_queued_requests,
+            policy=self.scheduling_policy,
         )
 
 
