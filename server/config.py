@@ -199,6 +199,7 @@ class ServerConfig:
     log_format: str = "text"
     disable_access_log: bool = False
     auth_admin_routes: bool = False  # also require the key on /health, /ready, /metrics
+    trust_request_chat_template: bool = False  # accept `chat_template` in chat requests
 
     HELP: ClassVar[dict[str, str]] = {
         "host": "Address to listen on.",
@@ -209,6 +210,8 @@ class ServerConfig:
         "log_format": "Access and server log format: text or json.",
         "disable_access_log": "Do not log one line per request.",
         "auth_admin_routes": "Require the API key on /health, /ready and /metrics too.",
+        "trust_request_chat_template": "Accept a 'chat_template' in chat requests (rendered in transformers' sandboxed "
+        "Jinja environment); without it such requests get 400.",
     }
 
     def validate(self) -> None:

@@ -115,17 +115,13 @@ def test_truncate_prompt_tokens_keeps_the_last_k(api_server):
     assert too_big.status_code == 400 and too_big.json()["error"]["param"] == "truncate_prompt_tokens"
 
 
-def test_per_request_chat_template_documents_and_reasoning_effort(api_server):
-    template = (
-        "{% for d in documents %}[{{ d.title }}] {{ d.text }}\n{% endfor %}"
-        "{{ reasoning_effort }}|{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
-    )
-    body = {
-        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "return_token_ids": True,
-        "chat_template": template, "documents": [{"title": "Doc", "text": "body"}], "reasoning_effort": "high",
-    }
-    out = ok(api_server, CH, body)
-    assert out["prompt_token_ids"] == tokenize(api_server, "[Doc] body\nhigh|user: hi\n")
+def test_per_request_chat_template_is_refused_unless_the_server_trusts_them(api_server):
+    body = {"messages": USER, "chat_template": "{{ messages[0].content }}"}
+    for route, extra in ((CH, {"max_tokens": 2}), ("/tokenize", {})):
+        refused = post(api_server, route, {**body, **extra})
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["param"] == "chat_template" and "--trust-request-chat-template" in error["message"]
 
 
 # ---- sampling: allowed_token_ids, bad_words -------------------------------------------------------

@@ -1,5 +1,6 @@
 """vLLM's request fields that need a server set up otherwise: `priority` under --scheduling-policy
-priority, and `add_special_tokens` with a tokenizer that adds a BOS token. Real servers, real HTTP."""
+priority, a per-request `chat_template` under --trust-request-chat-template, and `add_special_tokens`
+with a tokenizer that adds a BOS token. Real servers, real HTTP."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from server.demo import ensure_demo_model
 
 @pytest.fixture(scope="module")
 def priority_server():
-    running = start_server(engine_overrides={"scheduling_policy": "priority", "max_num_seqs": 1})
+    running = start_server(
+        engine_overrides={"scheduling_policy": "priority", "max_num_seqs": 1}, trust_request_chat_template=True
+    )
     yield running
     running.stop()
 
@@ -52,6 +55,22 @@ def test_lower_priority_value_runs_first(priority_server):
     asyncio.run(run())
     assert finished == ["busy", "urgent", "later"]  # fcfs would run "later" first
     server.wait_idle()
+
+
+def test_trusted_per_request_chat_template_documents_and_reasoning_effort(priority_server):
+    template = (
+        "{% for d in documents %}[{{ d.title }}] {{ d.text }}\n{% endfor %}"
+        "{{ reasoning_effort }}|{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    )
+    body = {
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "return_token_ids": True,
+        "chat_template": template, "documents": [{"title": "Doc", "text": "body"}], "reasoning_effort": "high",
+    }
+    with httpx.Client(base_url=priority_server.base_url, headers=priority_server.headers, timeout=60) as client:
+        out = client.post("/v1/chat/completions", json=body)
+        assert out.status_code == 200, out.text
+        want = client.post("/tokenize", json={"prompt": "[Doc] body\nhigh|user: hi\n", "add_special_tokens": False})
+    assert out.json()["prompt_token_ids"] == want.json()["tokens"]
 
 
 @pytest.fixture(scope="module")

@@ -81,7 +81,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     if body.messages is not None:
         if not body.messages:
             raise InvalidRequest("messages must not be empty.", param="messages")
-        text = render_chat(state.model, body)
+        text = render_chat(state.model, body, trust_request_template=state.config.trust_request_chat_template)
         tokens = encode_chat(state.model, text) if not body.add_special_tokens else list(tokenizer.encode(text))
     else:
         tokens = list(tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False))

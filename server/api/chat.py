@@ -69,7 +69,7 @@ def _plan(body: ChatCompletionRequest, state: ServerState, rid: str) -> _Plan:
     model_name = state.model.resolve(body.model)
     _check_unsupported(body)
     usage = stream_usage(body)
-    text = render_chat(state.model, body)
+    text = render_chat(state.model, body, trust_request_template=state.config.trust_request_chat_template)
     prompt_ids = encode_chat(state.model, text, add_special_tokens=bool(body.add_special_tokens))
     prompt_ids = truncate_prompt(prompt_ids, body.truncate_prompt_tokens, state.model.max_model_len)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens

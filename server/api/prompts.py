@@ -157,8 +157,17 @@ def chat_prompt(
         raise InvalidRequest(f"The chat template could not render these messages: {exc}", param="messages") from exc
 
 
-def render_chat(model: ModelInfo, body) -> str:
-    """`chat_prompt` with the template options of a request body (chat completions or /tokenize)."""
+def render_chat(model: ModelInfo, body, *, trust_request_template: bool) -> str:
+    """`chat_prompt` with the template options of a request body (chat completions or /tokenize).
+
+    A template sent in the request is refused unless the server trusts them
+    (--trust-request-chat-template), as vLLM does: it is code that runs on the API process."""
+    template = getattr(body, "chat_template", None)
+    if template is not None and not trust_request_template:
+        raise InvalidRequest(
+            "chat_template in a request is refused: the server must be started with --trust-request-chat-template.",
+            param="chat_template",
+        )
     kwargs = dict(body.chat_template_kwargs or {})
     reasoning_effort = getattr(body, "reasoning_effort", None)
     if reasoning_effort is not None:
@@ -170,7 +179,7 @@ def render_chat(model: ModelInfo, body) -> str:
         continue_final_message=bool(body.continue_final_message),
         tools=body.tools,
         template_kwargs=kwargs,
-        template=getattr(body, "chat_template", None),
+        template=template,
         documents=getattr(body, "documents", None),
     )
 

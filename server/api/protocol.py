@@ -200,6 +200,7 @@ class TokenizeRequest(StrictModel):
     add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
     add_generation_prompt: bool | None = True
     continue_final_message: bool | None = False
+    chat_template: str | None = Field(None, description="A Jinja chat template for this request only.")
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[Tool] | None = None
 
