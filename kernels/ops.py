@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -42,6 +43,8 @@ def get_ops(device: torch.device, backend: str = "auto", dtype: torch.dtype = to
     if backend == "batched":
         paged_attention = batched.paged_attention
     elif backend == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            raise ValueError("the Triton kernels need a CUDA device (on CPU they run only under TRITON_INTERPRET=1, in tests).")
         from kernels.triton import kv_store, paged_attention as triton_attention  # imports triton: only here
 
         store_kvcache, paged_attention = kv_store.store_kvcache, triton_attention.paged_attention

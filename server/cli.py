@@ -33,6 +33,8 @@ _ENGINE_HELP = {
     "max_model_len": "Prompt plus output tokens at most (default: the model's max_position_embeddings).",
     "seed": "Seed of the sampler for requests without their own seed.",
     "device": "auto, cpu or cuda.",
+    "attention_backend": "Kernels for attention and the KV store: auto (triton on CUDA, batched on CPU), "
+    "reference (plain torch, the oracle), batched (batched torch calls) or triton (Triton kernels; CUDA).",
     "enforce_eager": "Never compile nor capture graphs.",
     "block_size": "Tokens per KV cache block.",
     "enable_prefix_caching": "Reuse KV blocks of shared prompt prefixes.",
@@ -139,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if ns.command == "serve":
             engine_args, server_config = split_args(ns)
+            # oneDNN keeps compiled kernels per input shape (1024 each by default); every new batch size
+            # adds some, so a long-running server's memory grew by hundreds of MB. Bound them (overridable).
+            for cache in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
+                os.environ.setdefault(cache, "64")
             from server.api.serve import run_server
 
             return run_server(engine_args, server_config)

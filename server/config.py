@@ -13,6 +13,7 @@ from typing import ClassVar
 from server.errors import ConfigError
 
 SCHEDULING_POLICIES = ("fcfs", "priority")
+ATTENTION_BACKENDS = ("auto", "reference", "batched", "triton")  # kernels.ops.BACKENDS
 # --dtype values (vLLM's names and the usual short ones) -> the canonical name every other part reads.
 DTYPE_ALIASES = {
     "auto": "auto",
@@ -43,6 +44,7 @@ class ModelConfig:
     seed: int = 0
     enforce_eager: bool = False
     device: str = "cpu"
+    attention_backend: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ class EngineArgs:
     seed: int = 0
     device: str = "auto"
     enforce_eager: bool = False
+    attention_backend: str = "auto"
     block_size: int = 16
     enable_prefix_caching: bool = True
     kv_cache_memory: float | None = None
@@ -134,6 +137,10 @@ class EngineArgs:
             f"--scheduling-policy must be fcfs or priority, got {self.scheduling_policy!r}.",
         )
         need(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}.")
+        need(
+            self.attention_backend in ATTENTION_BACKENDS,
+            f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}.",
+        )
 
     def for_server(self) -> EngineArgs:
         """These arguments with the HTTP server's default queue bound, QUEUED_PER_SEQ x max_num_seqs, when
@@ -167,6 +174,7 @@ class EngineArgs:
             seed=self.seed,
             enforce_eager=self.enforce_eager,
             device=device,
+            attention_backend=self.attention_backend,
         )
 
     def cache_config(self) -> CacheConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -22,6 +23,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
         (["serve", "/nonexistent/model/dir"], "/nonexistent/model/dir"),
         (["serve", "--max-num-seqs", "0"], "max-num-seqs"),
         (["serve", "--port", "70000"], "port"),
+        (["serve", "--attention-backend", "flash"], "attention-backend"),
     ],
 )
 def test_bad_start_up_input_is_one_clear_error(args, words):
@@ -30,6 +32,17 @@ def test_bad_start_up_input_is_one_clear_error(args, words):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("pagedserve: error:") and words in last, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_triton_backend_without_cuda_is_one_clear_error():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "serve", "--device", "cpu", "--attention-backend", "triton"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("pagedserve: error: --attention-backend triton") and "CUDA" in last, result.stderr
 
 
 def test_make_demo_model_writes_a_hub_style_directory(tmp_path):

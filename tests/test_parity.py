@@ -31,14 +31,14 @@ def _prompts(vocab_size: int, seed: int = 0) -> list[list[int]]:
     return prompts
 
 
-def _reference(path, prompts: list[list[int]]) -> list[list[int]]:
+def _reference(path, prompts: list[list[int]], max_new: int = MAX_NEW) -> list[list[int]]:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.eval()
     outputs = []
     with torch.inference_mode():
         for prompt in prompts:
             ids = torch.tensor([prompt])
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=MAX_NEW,
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new,
                                  temperature=None, top_p=None, top_k=None)
             outputs.append(out[0, len(prompt):].tolist())
     return outputs

@@ -1,19 +1,14 @@
 """The Triton kernels against their plain-torch twins in `kernels.reference`.
 
-Without a GPU they run under Triton's interpreter (`TRITON_INTERPRET=1`, set here before the
-kernels are imported), so CI proves them correct on CPU at small sizes; the GPU check runs the
+Without a GPU they run under Triton's interpreter (`TRITON_INTERPRET=1`, set by conftest.py before
+the kernels are imported), so CI proves them correct on CPU at small sizes; the GPU check runs the
 same comparisons at real sizes.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 triton = pytest.importorskip("triton", reason="triton is a test dependency: pip install -e '.[test]'")
 

@@ -66,7 +66,10 @@ class ModelRunner:
         previous_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
-            ops = get_ops(self.device, dtype=self.dtype)
+            try:
+                ops = get_ops(self.device, model_config.attention_backend, dtype=self.dtype)
+            except ValueError as exc:  # a backend that cannot run on this device
+                raise ConfigError(f"--attention-backend {model_config.attention_backend}: {exc}") from None
             with self.device:
                 self.model = model_class(hf_config, ops)
         finally:
