@@ -35,6 +35,8 @@ _ENGINE_HELP = {
     "device": "auto, cpu or cuda.",
     "attention_backend": "Kernels for attention and the KV store: auto (triton on CUDA, batched on CPU), "
     "reference (plain torch, the oracle), batched (batched torch calls) or triton (Triton kernels; CUDA).",
+    "load_format": "auto or safetensors: read the checkpoint's weights; dummy: random weights from config.json "
+    "(for benchmarks: no weight files are downloaded or read).",
     "enforce_eager": "Never compile nor capture graphs.",
     "block_size": "Tokens per KV cache block.",
     "enable_prefix_caching": "Reuse KV blocks of shared prompt prefixes.",

@@ -14,6 +14,7 @@ from server.errors import ConfigError
 
 SCHEDULING_POLICIES = ("fcfs", "priority")
 ATTENTION_BACKENDS = ("auto", "reference", "batched", "triton")  # kernels.ops.BACKENDS
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
 # --dtype values (vLLM's names and the usual short ones) -> the canonical name every other part reads.
 DTYPE_ALIASES = {
     "auto": "auto",
@@ -45,6 +46,7 @@ class ModelConfig:
     enforce_eager: bool = False
     device: str = "cpu"
     attention_backend: str = "auto"
+    load_format: str = "auto"  # dummy: random weights, no checkpoint read
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class EngineArgs:
     device: str = "auto"
     enforce_eager: bool = False
     attention_backend: str = "auto"
+    load_format: str = "auto"
     block_size: int = 16
     enable_prefix_caching: bool = True
     kv_cache_memory: float | None = None
@@ -141,6 +144,10 @@ class EngineArgs:
             self.attention_backend in ATTENTION_BACKENDS,
             f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}.",
         )
+        need(
+            self.load_format in LOAD_FORMATS,
+            f"--load-format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}.",
+        )
 
     def for_server(self) -> EngineArgs:
         """These arguments with the HTTP server's default queue bound, QUEUED_PER_SEQ x max_num_seqs, when
@@ -175,6 +182,7 @@ class EngineArgs:
             enforce_eager=self.enforce_eager,
             device=device,
             attention_backend=self.attention_backend,
+            load_format=self.load_format,
         )
 
     def cache_config(self) -> CacheConfig:

@@ -218,3 +218,41 @@ def test_resolve_dtype(tiny_dir):
         resolve_dtype("fp8", cfg, "cpu")
     for choice in ("auto", "bfloat16", "float16", "float32"):
         assert choice in str(e.value)
+
+
+def test_dummy_load_format_fetches_no_weights(monkeypatch, tiny_dir):
+    seen = {}
+
+    def fake(repo_id, **kwargs):
+        seen.update(kwargs)
+        return str(tiny_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    resolve_model_path("org/x", weights=False)
+    assert "config.json" in seen["allow_patterns"] and "tokenizer.json" in seen["allow_patterns"]
+    assert not any("safetensors" in p for p in seen["allow_patterns"])
+
+
+def test_dummy_load_format_serves_a_config_without_weights(tmp_path):
+    """--load-format dummy: a directory with config and tokenizer only serves, with small seeded random weights."""
+    from server import LLM, SamplingParams
+    from server.demo import ensure_demo_model
+
+    demo = Path(ensure_demo_model())
+    for name in demo.iterdir():
+        if name.suffix != ".safetensors":
+            shutil.copy(name, tmp_path)
+    with pytest.raises(ConfigError, match="No \\*.safetensors weights"):
+        LLM(str(tmp_path), dtype="float32", max_model_len=64, kv_cache_memory=0.01)
+    llms = [
+        LLM(str(tmp_path), dtype="float32", max_model_len=64, kv_cache_memory=0.01, load_format="dummy")
+        for _ in range(2)
+    ]
+    params = [dict(llm.engine.runner.model.named_parameters()) for llm in llms]
+    for name, param in params[0].items():
+        if param.numel() == 0:  # a linear weight handed to the packed CPU kernel
+            continue
+        assert param.abs().max() <= 1e-3 and param.abs().max() > 0, name
+        assert torch.equal(param, params[1][name]), f"{name}: dummy weights are seeded"
+    out = llms[0].generate(["Hello"], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 5

@@ -51,7 +51,9 @@ class EngineCore:
             model, path = DEMO_MODEL_NAME, str(ensure_demo_model())
         else:
             model = args.model
-            path = str(loader.resolve_model_path(model, revision=args.revision, download_dir=args.download_dir))
+            path = str(loader.resolve_model_path(
+                model, revision=args.revision, download_dir=args.download_dir, weights=args.load_format != "dummy"
+            ))
         self.download_seconds = time.perf_counter() - started
         hf_config = loader.load_hf_config(path)
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")

@@ -48,8 +48,11 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~")) or model.count("/") > 1 or os.sep != "/" and os.sep in model
 
 
-def resolve_model_path(model: str, revision: str | None = None, download_dir: str | None = None) -> Path:
-    """A local directory as is, else a Hub repo id fetched (or found in the HF cache) with huggingface_hub."""
+def resolve_model_path(
+    model: str, revision: str | None = None, download_dir: str | None = None, weights: bool = True
+) -> Path:
+    """A local directory as is, else a Hub repo id fetched (or found in the HF cache) with huggingface_hub;
+    without `weights` (--load-format dummy) only its config and tokenizer files are fetched."""
     local = Path(model).expanduser()
     if local.exists() or _looks_like_path(model):
         if not local.exists():
@@ -59,10 +62,10 @@ def resolve_model_path(model: str, revision: str | None = None, download_dir: st
         if not (local / "config.json").is_file():
             raise ConfigError(f"Model directory {model} has no config.json")
         return local.resolve()
-    return _download(model, revision, download_dir)
+    return _download(model, revision, download_dir, weights)
 
 
-def _download(repo_id: str, revision: str | None, download_dir: str | None) -> Path:
+def _download(repo_id: str, revision: str | None, download_dir: str | None, weights: bool) -> Path:
     import huggingface_hub
     from huggingface_hub import errors
 
@@ -72,7 +75,7 @@ def _download(repo_id: str, revision: str | None, download_dir: str | None) -> P
             repo_id,
             revision=revision,
             cache_dir=download_dir,
-            allow_patterns=list(ALLOW_PATTERNS),
+            allow_patterns=[p for p in ALLOW_PATTERNS if weights or "safetensors" not in p],
             ignore_patterns=list(IGNORE_PATTERNS),
             token=os.environ.get("HF_TOKEN"),
         )
@@ -210,3 +213,16 @@ def load_weights(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype) 
     if missing:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         raise ConfigError(f"Checkpoint {path} is missing weights: {shown}")
+
+
+def init_dummy_weights(model: nn.Module, seed: int = 0, scale: float = 1e-3) -> None:
+    """--load-format dummy: every parameter uniform in [-scale, scale] (as vLLM's dummy format), drawn on
+    its own device from a fixed seed, so a model of any shape is served and benchmarked from its
+    config.json alone."""
+    generators: dict[torch.device, torch.Generator] = {}
+    with torch.no_grad():
+        for param in model.parameters():
+            generator = generators.get(param.device)
+            if generator is None:
+                generator = generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
+            param.uniform_(-scale, scale, generator=generator)

@@ -74,7 +74,10 @@ class ModelRunner:
                 self.model = model_class(hf_config, ops)
         finally:
             torch.set_default_dtype(previous_dtype)
-        loader.load_weights(self.model, model_config.path, self.dtype)
+        if model_config.load_format == "dummy":
+            loader.init_dummy_weights(self.model, model_config.seed)
+        else:
+            loader.load_weights(self.model, model_config.path, self.dtype)
         if ops.pack_linear is not None and not model_config.enforce_eager:
             for module in self.model.modules():
                 if hasattr(module, "pack"):
