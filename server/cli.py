@@ -37,7 +37,8 @@ _ENGINE_HELP = {
     "reference (plain torch, the oracle), batched (batched torch calls) or triton (Triton kernels; CUDA).",
     "load_format": "auto or safetensors: read the checkpoint's weights; dummy: random weights from config.json "
     "(for benchmarks: no weight files are downloaded or read).",
-    "enforce_eager": "Never compile nor capture graphs.",
+    "enforce_eager": "Plain eager torch: linear layers keep plain weights (no oneDNN packing on CPU). "
+    "No compile or CUDA-graph step exists yet for it to turn off.",
     "block_size": "Tokens per KV cache block.",
     "enable_prefix_caching": "Reuse KV blocks of shared prompt prefixes.",
     "kv_cache_memory": "KV cache size in GiB on CPU (default: enough for max-num-seqs full sequences, at most 4).",
