@@ -2,13 +2,14 @@
 error comes in the route's envelope (OpenAI's, or TGI's on TGI's routes).
 
 - every operation in /openapi.json, from its schema (schemathesis; ~3,000 cases);
-- arbitrary Unicode in every text field of every route (hypothesis): lone surrogates, NULs, RTL and
-  zero-width marks, noncharacters, astral code points, special-token and template syntax, very long
-  text (~1,500 cases); a lone surrogate is always a 400 naming the field;
-- any JSON in what reaches the chat template, and odd bytes in X-Request-Id and Authorization.
+- arbitrary Unicode in every text field of every route (hypothesis; 30 fields x 40 cases): lone
+  surrogates, NULs, RTL and zero-width marks, noncharacters, astral code points, special-token and
+  template syntax, text past the context length; a lone surrogate is always a 400 naming the field;
+- any JSON in what reaches the chat template, odd bytes in X-Request-Id, Authorization and the model
+  path (200 cases).
 
-Derandomized (a fixed seed) for CI; PAGEDSERVE_FUZZ_EXAMPLES (examples per operation, per field;
-default 40) raises the budget locally.
+Fixed seeds for CI (the same cases every run); PAGEDSERVE_FUZZ_EXAMPLES (examples per operation and
+per field, default 40) raises the budget locally.
 """
 
 from __future__ import annotations
