@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton.dot_mode import dot_mode
+from kernels.triton.online_softmax import attend_block
 
 
 @triton.jit
@@ -59,21 +60,9 @@ def _decode_split_kernel(
         valid = (pos < seq_len) & (pos >= start_pos)
         kv = ((block_id * PAGE + p_off) * num_kv_heads + kv_head)[:, None] * HEAD_DIM + d[None, :]
         kv_mask = valid[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + kv, mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
-        l = l * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv, mask=kv_mask, other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        m, l, acc = attend_block(
+            q, k_cache_ptr, v_cache_ptr, kv, kv_mask, valid[None, :], m, l, acc, scale, PRECISION, UPCAST
+        )
 
     empty = l == 0.0
     out = acc / tl.where(empty, 1.0, l)[:, None]

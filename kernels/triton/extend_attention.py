@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton.dot_mode import dot_mode
+from kernels.triton.online_softmax import attend_block
 
 
 @triton.jit
@@ -62,24 +63,10 @@ def _extend_kernel(
         pos = b * PAGE + p_off
         kv = ((block_id * PAGE + p_off) * num_kv_heads + kv_head)[:, None] * HEAD_DIM + d[None, :]
         kv_mask = (pos < seq_len)[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + kv, mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         visible = (pos[None, :] <= q_pos[:, None]) & (pos < seq_len)[None, :]
         if sliding_window > 0:
             visible = visible & (pos[None, :] > q_pos[:, None] - sliding_window)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
-        l = l * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv, mask=kv_mask, other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        m, l, acc = attend_block(q, k_cache_ptr, v_cache_ptr, kv, kv_mask, visible, m, l, acc, scale, PRECISION, UPCAST)
 
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
     tl.store(
