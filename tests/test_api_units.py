@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
@@ -13,8 +12,9 @@ from transformers import AutoTokenizer
 from server.api.app import build_app
 from server.api.logs import JsonFormatter, log_access
 from server.api.state import ServerState
-from server.config import SchedulerConfig, ServerConfig
+from server.config import ServerConfig
 from server.demo import ensure_demo_model
+from server.engine.messages import EngineInfo
 from server.errors import EngineDead
 
 
@@ -23,13 +23,11 @@ class FakeClient:
 
     def __init__(self, max_queued_requests: int | None = None):
         tokenizer = AutoTokenizer.from_pretrained(str(ensure_demo_model()))
-        self.core = SimpleNamespace(
-            tokenizer=tokenizer,
-            model_config=SimpleNamespace(served_model_names=("fake",), model="fake-root", max_model_len=64),
-            hf_config=SimpleNamespace(vocab_size=len(tokenizer)),
-            sampling_defaults={},
-            scheduler_config=SchedulerConfig(max_queued_requests=max_queued_requests),
-            eos_token_ids=(2,),
+        self.info = EngineInfo(
+            model="fake-root", model_path="/nonexistent", served_model_names=("fake",), tokenizer=tokenizer,
+            max_model_len=64, vocab_size=len(tokenizer), eos_token_ids=(2,), sampling_defaults={}, max_num_seqs=4,
+            max_queued_requests=max_queued_requests, device="cpu", dtype="float32", block_size=16, num_blocks=1,
+            prefix_caching=True,
         )
         self.is_alive = False
         self.num_waiting = 0
@@ -40,9 +38,6 @@ class FakeClient:
 
     def set_step_listener(self, on_step) -> None:
         pass
-
-    def startup_info(self) -> dict:
-        return {"phases": {}, "block_size": 16, "num_blocks": 1, "cache_dtype": "float32", "prefix_caching": True}
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self.is_alive = False

@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 def build_app(client: EngineClient, server_config: ServerConfig) -> FastAPI:
     state = ServerState.build(client, server_config)
     client.set_step_listener(state.metrics.observe_step)
-    state.metrics.set_startup(**client.startup_info())
+    info = client.info
+    state.metrics.set_startup(info.startup_phases, info.block_size, info.num_blocks, info.dtype, info.prefix_caching)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

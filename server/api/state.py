@@ -19,6 +19,7 @@ from server.api.errors import ShuttingDown
 from server.api.logprobs import TokenText
 from server.config import ServerConfig
 from server.engine.client import EngineClient
+from server.engine.messages import EngineInfo
 from server.errors import ModelNotFound, PagedServeError
 from server.metrics import Metrics
 
@@ -41,19 +42,16 @@ class ModelInfo:
     start_token_id: int  # what a null prompt starts from: BOS, else <|endoftext|>, else EOS
 
     @classmethod
-    def from_client(cls, client: EngineClient) -> ModelInfo:
-        core = client.core
-        tokenizer = core.tokenizer
-        vocab_size = int(getattr(core.hf_config, "vocab_size", None) or len(tokenizer))
+    def from_info(cls, info: EngineInfo) -> ModelInfo:
         return cls(
-            tokenizer=tokenizer,
-            names=tuple(core.model_config.served_model_names),
-            root=core.model_config.model,
-            max_model_len=core.model_config.max_model_len,
-            vocab_size=vocab_size,
-            sampling_defaults=dict(core.sampling_defaults),
-            max_queued_requests=core.scheduler_config.max_queued_requests,
-            start_token_id=_start_token_id(tokenizer, core.eos_token_ids),
+            tokenizer=info.tokenizer,
+            names=info.served_model_names,
+            root=info.model,
+            max_model_len=info.max_model_len,
+            vocab_size=info.vocab_size,
+            sampling_defaults=dict(info.sampling_defaults),
+            max_queued_requests=info.max_queued_requests,
+            start_token_id=_start_token_id(info.tokenizer, info.eos_token_ids),
         )
 
     def resolve(self, name: str | None) -> str:
@@ -102,7 +100,7 @@ class ServerState:
     @classmethod
     def build(cls, client: EngineClient, config: ServerConfig) -> ServerState:
         key = config.api_key or os.environ.get("PAGEDSERVE_API_KEY") or None
-        model = ModelInfo.from_client(client)
+        model = ModelInfo.from_info(client.info)
         tokens = TokenText(model.tokenizer)
         metrics = Metrics(model.names[0], model.max_model_len)
         return cls(client=client, config=config, model=model, metrics=metrics, tokens=tokens, api_key=key)

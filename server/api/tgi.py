@@ -130,14 +130,14 @@ async def compat_generate(body: GenerateRequest, request: Request) -> Response:
 async def info(request: Request) -> Info:
     """The served model and this server's limits, in TGI's shape."""
     state = get_state(request)
-    core = state.client.core
+    engine = state.client.info
     return Info(
         model_id=state.model.root,
-        model_sha=_commit_sha(core.model_config.path),
-        model_dtype=f"torch.{state.client.startup_info()['cache_dtype']}",
-        model_device_type=core.model_config.device.split(":")[0],
+        model_sha=_commit_sha(engine.model_path),
+        model_dtype=f"torch.{engine.dtype}",
+        model_device_type=engine.device.split(":")[0],
         model_pipeline_tag="text-generation",
-        max_concurrent_requests=core.scheduler_config.max_num_seqs,
+        max_concurrent_requests=engine.max_num_seqs,
         max_best_of=1,
         max_stop_sequences=MAX_STOP_SEQUENCES,
         max_input_tokens=state.model.max_model_len - 1,

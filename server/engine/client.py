@@ -12,7 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 from server.engine.core import EngineCore
-from server.engine.messages import AbortRequest, GenerateRequest, RequestOutput
+from server.engine.messages import AbortRequest, EngineInfo, GenerateRequest, RequestOutput
 from server.errors import EngineDead, EngineFailed, PagedServeError
 from server.metrics import StepStats
 from server.request import SamplingParams
@@ -34,6 +34,7 @@ class EngineClient:
         self._thread: threading.Thread | None = None
         self._heartbeat = time.monotonic()
         self.dead_reason: str | None = None
+        self._info: EngineInfo | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -50,16 +51,12 @@ class EngineClient:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def startup_info(self) -> dict:
-        """Start-up phase timings and the KV cache layout, for the metrics."""
-        core = self.core
-        return {
-            "phases": core.startup_phases(),
-            "block_size": core.cache_config.block_size,
-            "num_blocks": core.runner.num_blocks,
-            "cache_dtype": str(core.runner.dtype).removeprefix("torch."),
-            "prefix_caching": core.cache_config.enable_prefix_caching,
-        }
+    @property
+    def info(self) -> EngineInfo:
+        """The engine-info message: what the API may know of the engine and its model."""
+        if self._info is None:
+            self._info = self.core.info()
+        return self._info
 
     @property
     def has_died(self) -> bool:

@@ -11,7 +11,7 @@ import torch
 
 from server.config import EngineArgs
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.messages import GenerateRequest, RequestOutput
+from server.engine.messages import EngineInfo, GenerateRequest, RequestOutput
 from server.engine.tokenizer import eos_token_ids, load_generation_config, load_tokenizer, sampling_defaults
 from server.errors import InvalidRequest
 from server.metrics import FinishedStats, StepStats
@@ -138,6 +138,27 @@ class EngineCore:
         """Seconds per start-up phase; phases this engine does not run (compile, warm-up) are absent."""
         times = self.runner.times
         return {"download": self.download_seconds, "load_weights": times.load_weights_s, "kv_cache": times.kv_cache_s}
+
+    def info(self) -> EngineInfo:
+        """The engine-info message: everything the API needs to know of this engine and its model."""
+        return EngineInfo(
+            model=self.model_config.model,
+            model_path=self.model_config.path,
+            served_model_names=tuple(self.model_config.served_model_names),
+            tokenizer=self.tokenizer,
+            max_model_len=self.model_config.max_model_len,
+            vocab_size=int(getattr(self.hf_config, "vocab_size", None) or len(self.tokenizer)),
+            eos_token_ids=tuple(self.eos_token_ids),
+            sampling_defaults=dict(self.sampling_defaults),
+            max_num_seqs=self.scheduler_config.max_num_seqs,
+            max_queued_requests=self.scheduler_config.max_queued_requests,
+            device=self.model_config.device,
+            dtype=str(self.runner.dtype).removeprefix("torch."),
+            block_size=self.cache_config.block_size,
+            num_blocks=self.runner.num_blocks,
+            prefix_caching=self.cache_config.enable_prefix_caching,
+            startup_phases=self.startup_phases(),
+        )
 
     def snapshot_stats(self) -> StepStats:
         """The engine's state between steps (for the gauges once it goes idle)."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from server.errors import PagedServeError
 from server.request import SamplingParams, TokenLogprob
@@ -41,3 +42,28 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None or self.error is not None
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the API may know of the engine and its model, sent once when the engine is up.
+
+    The API reads the engine through this message only, never its internals, so the engine can run
+    in this process or in another one (the tokenizer pickles)."""
+
+    model: str  # as given: a Hub id, a directory, or the built-in demo model's name
+    model_path: str  # the resolved local directory
+    served_model_names: tuple[str, ...]
+    tokenizer: Any  # the transformers tokenizer, with its chat template
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    sampling_defaults: dict[str, Any]
+    max_num_seqs: int
+    max_queued_requests: int | None
+    device: str  # cpu, cuda
+    dtype: str  # of the weights and the KV cache: float32, bfloat16, float16
+    block_size: int
+    num_blocks: int
+    prefix_caching: bool
+    startup_phases: dict[str, float] = field(default_factory=dict)  # seconds per start-up phase that ran
