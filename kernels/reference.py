@@ -45,6 +45,34 @@ def causal_mask(query_len: int, seq_len: int, sliding_window: int | None, device
     return mask
 
 
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    softcap: float | None = None,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """Softmax attention of query [..., Hq, Tq, D] over key/value [..., Hkv, Tk, D] (Hq a multiple of
+    Hkv; query head h reads KV head h // (Hq / Hkv)); ``mask`` (bool, True = visible) broadcasts to
+    [..., Hq, Tq, Tk]. With ``softcap`` c the scaled scores s become ``c * tanh(s / c)`` before the mask
+    (Gemma 2's attention logit soft-capping)."""
+    gqa = query.shape[-3] != key.shape[-3]
+    if softcap is None:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, is_causal=is_causal, enable_gqa=gqa)
+    if gqa:
+        group = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(group, dim=-3), value.repeat_interleave(group, dim=-3)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if is_causal:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), value)
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -52,16 +80,16 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's query tokens over its cached context.
 
     q: [T, Hq, D] (Hq a multiple of Hkv). Sequence i's queries sit at positions
     ``seq_len - query_len .. seq_len - 1``; key j is visible to the query at position p iff
-    ``j <= p`` and, with a sliding window w, ``p - w < j``. Rows past the last sequence stay zero.
-    Computed in float32, returned in q's dtype.
+    ``j <= p`` and, with a sliding window w, ``p - w < j``. Scores are ``q . k * scale``, soft-capped
+    to ``softcap * tanh(score / softcap)`` when ``softcap`` is set. Rows past the last sequence stay
+    zero. Computed in float32, returned in q's dtype.
     """
-    num_q_heads = q.shape[1]
-    num_kv_heads = k_cache.shape[2]
     out = torch.zeros_like(q)
     start = 0
     for i, (query_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
@@ -71,13 +99,13 @@ def paged_attention(
         k = _gather_context(k_cache, meta.block_tables[i], seq_len)
         v = _gather_context(v_cache, meta.block_tables[i], seq_len)
         mask = causal_mask(query_len, seq_len, sliding_window, q.device)
-        o = F.scaled_dot_product_attention(
+        o = attention(
             q[start:end].transpose(0, 1).float(),
             k.transpose(0, 1).float(),
             v.transpose(0, 1).float(),
-            attn_mask=mask,
-            scale=scale,
-            enable_gqa=num_q_heads != num_kv_heads,
+            mask,
+            scale,
+            softcap,
         )
         out[start:end] = o.transpose(0, 1).to(q.dtype)
         start = end

@@ -37,6 +37,9 @@ _ENGINE_HELP = {
     "reference (plain torch, the oracle), batched (batched torch calls) or triton (Triton kernels; CUDA).",
     "load_format": "auto or safetensors: read the checkpoint's weights; dummy: random weights from config.json "
     "(for benchmarks: no weight files are downloaded or read).",
+    "model_impl": "auto: our native implementation where there is one, else transformers' own modeling code on "
+    "the paged KV cache; native (alias vllm): native only, an error for other architectures; transformers: "
+    "transformers' modeling code even where a native one exists (slower: no fused projections or packed CPU linears).",
     "enforce_eager": "Plain eager torch: linear layers keep plain weights (no oneDNN packing on CPU). "
     "No compile or CUDA-graph step exists yet for it to turn off.",
     "block_size": "Tokens per KV cache block.",

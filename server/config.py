@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import ClassVar
 
 from server.errors import ConfigError
@@ -15,6 +16,8 @@ from server.errors import ConfigError
 SCHEDULING_POLICIES = ("fcfs", "priority")
 ATTENTION_BACKENDS = ("auto", "reference", "batched", "triton")  # kernels.ops.BACKENDS
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+# --model-impl values -> the canonical name; "vllm" is vLLM's name for its own (native) models.
+MODEL_IMPLS = MappingProxyType({"auto": "auto", "native": "native", "vllm": "native", "transformers": "transformers"})
 # --dtype values (vLLM's names and the usual short ones) -> the canonical name every other part reads.
 DTYPE_ALIASES = {
     "auto": "auto",
@@ -47,6 +50,7 @@ class ModelConfig:
     device: str = "cpu"
     attention_backend: str = "auto"
     load_format: str = "auto"  # dummy: random weights, no checkpoint read
+    model_impl: str = "auto"  # auto | native | transformers
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,7 @@ class EngineArgs:
     enforce_eager: bool = False
     attention_backend: str = "auto"
     load_format: str = "auto"
+    model_impl: str = "auto"
     block_size: int = 16
     enable_prefix_caching: bool = True
     kv_cache_memory: float | None = None
@@ -95,6 +100,7 @@ class EngineArgs:
     def __post_init__(self) -> None:
         # An alias becomes its canonical name here, so every other part reads only those; validate() rejects the rest.
         self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
+        self.model_impl = MODEL_IMPLS.get(self.model_impl, self.model_impl)
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -148,6 +154,10 @@ class EngineArgs:
             self.load_format in LOAD_FORMATS,
             f"--load-format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}.",
         )
+        need(
+            self.model_impl in MODEL_IMPLS,
+            f"--model-impl must be auto, native (alias vllm) or transformers, got {self.model_impl!r}.",
+        )
 
     def for_server(self) -> EngineArgs:
         """These arguments with the HTTP server's default queue bound, QUEUED_PER_SEQ x max_num_seqs, when
@@ -183,6 +193,7 @@ class EngineArgs:
             device=device,
             attention_backend=self.attention_backend,
             load_format=self.load_format,
+            model_impl=self.model_impl,
         )
 
     def cache_config(self) -> CacheConfig:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -21,7 +23,8 @@ CASES = [
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2)])
 @pytest.mark.parametrize("window", [None, 6])
 @pytest.mark.parametrize("block_size", [4, 16])
-def test_batched_paged_attention_matches_reference(lens, heads, window, block_size):
+@pytest.mark.parametrize("softcap", [None, 1.5])
+def test_batched_paged_attention_matches_reference(lens, heads, window, block_size, softcap):
     num_q, num_kv = heads
     head_dim = 16
     meta = random_step(0, block_size, 64, lens)
@@ -29,9 +32,37 @@ def test_batched_paged_attention_matches_reference(lens, heads, window, block_si
     k_cache = torch.randn(64, block_size, num_kv, head_dim, generator=gen)
     v_cache = torch.randn(64, block_size, num_kv, head_dim, generator=gen)
     q = torch.randn(sum(q for q, _ in lens), num_q, head_dim, generator=gen)
-    want = reference.paged_attention(q, k_cache, v_cache, meta, 0.25, window)
-    got = batched.paged_attention(q, k_cache, v_cache, meta, 0.25, window)
+    want = reference.paged_attention(q, k_cache, v_cache, meta, 0.25, window, softcap)
+    got = batched.paged_attention(q, k_cache, v_cache, meta, 0.25, window, softcap)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_reference_paged_attention_matches_transformers_eager_attention(window, softcap):
+    """Scale, soft-capping, sliding window and GQA as transformers' Gemma 2 eager attention computes them,
+    each sequence over its whole context (its queries at the end of it)."""
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    lens = [(1, 9), (6, 6), (4, 30)]
+    num_q, num_kv, head_dim, scale = 8, 2, 16, 0.2
+    meta = random_step(4, 4, 32, lens)
+    gen = torch.Generator().manual_seed(5)
+    k_cache = torch.randn(32, 4, num_kv, head_dim, generator=gen)
+    v_cache = torch.randn(32, 4, num_kv, head_dim, generator=gen)
+    q = torch.randn(sum(q for q, _ in lens), num_q, head_dim, generator=gen)
+    got = reference.paged_attention(q, k_cache, v_cache, meta, scale, window, softcap)
+    module = SimpleNamespace(num_key_value_groups=num_q // num_kv, training=False)  # what eager attention reads
+    start = 0
+    for i, (query_len, seq_len) in enumerate(lens):
+        k = reference._gather_context(k_cache, meta.block_tables[i], seq_len).transpose(0, 1)[None]
+        v = reference._gather_context(v_cache, meta.block_tables[i], seq_len).transpose(0, 1)[None]
+        visible = reference.causal_mask(query_len, seq_len, window, "cpu")
+        mask = torch.zeros(visible.shape).masked_fill(~visible, float("-inf"))[None, None]
+        query = q[start : start + query_len].transpose(0, 1)[None]
+        want, _ = eager_attention_forward(module, query, k, v, mask, scaling=scale, softcap=softcap)
+        torch.testing.assert_close(got[start : start + query_len], want[0], atol=1e-5, rtol=1e-5)
+        start += query_len
 
 
 def test_store_then_attend_reads_only_written_slots():

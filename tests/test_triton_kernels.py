@@ -97,6 +97,18 @@ def test_extend_attention_long_chunk_spans_several_tiles():
     _check(paged_attention(q, k_cache, v_cache, meta, 0.125), want, torch.float32)
 
 
+@pytest.mark.parametrize("softcap", [1.5, 30.0])
+@pytest.mark.parametrize("window", [None, 6])
+def test_soft_capped_attention_matches_reference(softcap, window):
+    """Gemma 2's attention logit soft-capping in both kernels (decode-only steps and mixed ones)."""
+    for lens in (DECODE, EXTEND):
+        meta = _on_device(random_step(10, 16, 24, lens))
+        k_cache, v_cache = _caches(meta, 24, 16, 2, 64, torch.float32)
+        q = 3 * torch.randn(sum(q for q, _ in lens), 8, 64, generator=torch.Generator().manual_seed(11)).to(DEVICE)
+        want = reference.paged_attention(q, k_cache, v_cache, meta, 0.125, window, softcap)
+        _check(paged_attention(q, k_cache, v_cache, meta, 0.125, window, softcap), want, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_attention_in_half_types_within_its_error_bound(dtype):
     for lens in (DECODE, EXTEND):

@@ -21,7 +21,7 @@ from kernels.triton.online_softmax import attend_block
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
     part_out_ptr, part_lse_ptr,
-    scale, sliding_window, blocks_per_split,
+    scale, sliding_window, softcap, blocks_per_split,
     q_stride_t, q_stride_h, bt_stride, num_kv_heads,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -61,7 +61,7 @@ def _decode_split_kernel(
         kv = ((block_id * PAGE + p_off) * num_kv_heads + kv_head)[:, None] * HEAD_DIM + d[None, :]
         kv_mask = valid[:, None] & d_mask[None, :]
         m, l, acc = attend_block(
-            q, k_cache_ptr, v_cache_ptr, kv, kv_mask, valid[None, :], m, l, acc, scale, PRECISION, UPCAST
+            q, k_cache_ptr, v_cache_ptr, kv, kv_mask, valid[None, :], m, l, acc, scale, softcap, PRECISION, UPCAST
         )
 
     empty = l == 0.0
@@ -112,6 +112,7 @@ def decode_attention(
     scale: float,
     sliding_window: int | None = None,
     num_splits: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Write into `out` the attention of each sequence's one query row (`query_start_loc[i]`)."""
     num_seqs = seq_lens.shape[0]
@@ -130,7 +131,7 @@ def decode_attention(
     precision, upcast = dot_mode(q.dtype)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, part_out, part_lse,
-        scale, sliding_window or 0, blocks_per_split,
+        scale, sliding_window or 0, softcap or 0.0, blocks_per_split,
         q.stride(0), q.stride(1), block_tables.stride(0), num_kv_heads,
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         PAGE=page, NUM_SPLITS=num_splits, PRECISION=precision, UPCAST=upcast,

@@ -20,7 +20,7 @@ from kernels.triton.online_softmax import attend_block
 @triton.jit
 def _extend_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
-    scale, sliding_window,
+    scale, sliding_window, softcap,
     q_stride_t, q_stride_h, out_stride_t, out_stride_h, bt_stride, num_kv_heads,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -66,7 +66,9 @@ def _extend_kernel(
         visible = (pos[None, :] <= q_pos[:, None]) & (pos < seq_len)[None, :]
         if sliding_window > 0:
             visible = visible & (pos[None, :] > q_pos[:, None] - sliding_window)
-        m, l, acc = attend_block(q, k_cache_ptr, v_cache_ptr, kv, kv_mask, visible, m, l, acc, scale, PRECISION, UPCAST)
+        m, l, acc = attend_block(
+            q, k_cache_ptr, v_cache_ptr, kv, kv_mask, visible, m, l, acc, scale, softcap, PRECISION, UPCAST
+        )
 
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
     tl.store(
@@ -87,6 +89,7 @@ def extend_attention(
     max_query_len: int,
     scale: float,
     sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Write into `out` the attention of every query row of every sequence."""
     num_seqs = seq_lens.shape[0]
@@ -99,7 +102,7 @@ def extend_attention(
     grid = (num_seqs, num_q_heads, triton.cdiv(max_query_len, block_m))
     _extend_kernel[grid](
         q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc,
-        scale, sliding_window or 0,
+        scale, sliding_window or 0, softcap or 0.0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), num_kv_heads,
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), PAGE=page,
         BLOCK_M=block_m, PRECISION=precision, UPCAST=upcast,

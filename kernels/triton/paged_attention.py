@@ -18,6 +18,7 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -27,11 +28,11 @@ def paged_attention(
     if meta.max_query_len == 1 and min(meta.query_lens_cpu) == 1:
         decode_attention(
             q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-            meta.max_seq_len, scale, sliding_window,
+            meta.max_seq_len, scale, sliding_window, softcap=softcap,
         )
     else:
         extend_attention(
             q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-            meta.max_query_len, scale, sliding_window,
+            meta.max_query_len, scale, sliding_window, softcap,
         )
     return out

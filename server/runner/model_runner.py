@@ -15,6 +15,7 @@ from server.errors import ConfigError
 from server.request import Request, TokenLogprob
 from server.runner import loader
 from server.runner.models.registry import get_model_class, kv_cache_shape_info
+from server.runner.models.transformers_backend import TransformersForCausalLM
 from server.runner.sampler import build_sampling_batch, gather_logprobs, sample
 from server.scheduler.output import SchedulerOutput
 
@@ -62,7 +63,7 @@ class ModelRunner:
         self.times = StartupTimes()
 
         started = time.perf_counter()
-        model_class = get_model_class(hf_config)
+        model_class = get_model_class(hf_config, model_config.model_impl)
         previous_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
@@ -70,11 +71,16 @@ class ModelRunner:
                 ops = get_ops(self.device, model_config.attention_backend, dtype=self.dtype)
             except ValueError as exc:  # a backend that cannot run on this device
                 raise ConfigError(f"--attention-backend {model_config.attention_backend}: {exc}") from None
-            with self.device:
-                self.model = model_class(hf_config, ops)
+            if model_class is not TransformersForCausalLM:
+                with self.device:
+                    self.model = model_class(hf_config, ops)
         finally:
             torch.set_default_dtype(previous_dtype)
-        if model_config.load_format == "dummy":
+        if model_class is TransformersForCausalLM:  # transformers builds and loads it (weights included)
+            self.model = TransformersForCausalLM.load(
+                hf_config, ops, model_config.path, self.dtype, self.device, model_config.load_format, model_config.seed
+            )
+        elif model_config.load_format == "dummy":
             loader.init_dummy_weights(self.model, model_config.seed)
         else:
             loader.load_weights(self.model, model_config.path, self.dtype)
