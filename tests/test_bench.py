@@ -44,10 +44,10 @@ def tokenizer(demo_dir):
 
 @pytest.fixture(scope="module")
 def served(demo_dir):
-    """`pagedserve serve` (no model: the built-in demo model) in its own process; yields (base_url, pid).
-    The benchmarks find its tokenizer from /v1/models alone."""
+    """`pagedserve serve DEMO_DIR` (the random demo model: fast and deterministic) in its own process; yields
+    (base_url, pid). The benchmarks find its tokenizer from /v1/models alone."""
     flags = ("--max-model-len", "512", "--kv-cache-memory", "0.125", "--max-num-seqs", "16", "--disable-access-log")
-    with serve_in_subprocess(None, *flags) as running:
+    with serve_in_subprocess(demo_dir, *flags) as running:
         yield running
 
 
@@ -217,7 +217,7 @@ def test_soak_short_run_reports_drift_kv_and_statuses(served, tmp_path):
     s = json.loads(out.read_text())
     assert code == 0, {k: s[k] for k in ("by_kind", "kv_usage_end", "server_errors_5xx", "unexpected")}
     assert s["server_errors_5xx"] == 0 and s["unexpected"] == 0 and s["kv_usage_end"] == 0 and s["running_end"] == 0
-    assert set(s["by_kind"]) <= {kind for kind, _ in MIX} and {"completion", "cut-stream"} <= set(s["by_kind"])
+    assert s["requests"] >= len(MIX) and set(s["by_kind"]) == {kind for kind, _ in MIX}
     assert all(status == "cut" for status in s["by_kind"]["cut-stream"])
     assert sum(s["by_status"].values()) == s["requests"] > 0
     assert len(s["intervals"]) == 3 and s["intervals"][-1]["done"] <= s["requests"]

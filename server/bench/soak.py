@@ -11,6 +11,7 @@ value after warm-up, fits the slope of the last minutes and lists every answer b
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 from collections import Counter
@@ -26,10 +27,17 @@ from server.bench.datasets import BenchRequest
 from server.bench.stats import distribution, load_average
 from server.bench.target import fetch_model_name
 
-# (kind, weight): what one worker sends next, drawn from a seeded generator.
+# (kind, weight): the workers take turns through a cycle with each kind `weight` times, interleaved,
+# so that any 8 consecutive requests hold every kind.
 MIX = (("completion", 3), ("completion-stream", 3), ("chat", 2), ("chat-stream", 2), ("n2", 1),
        ("stop", 1), ("cut-stream", 2), ("bad-request", 1))
 WORDS = "the a cat dog sat on mat under bright sky river stone light over near far quick slow".split()
+
+
+def mix_cycle() -> list[str]:
+    """MIX round-robin: every kind once, then again those with weight left, ..."""
+    rounds = max(weight for _, weight in MIX)
+    return [kind for r in range(rounds) for kind, weight in MIX if weight > r]
 
 
 @dataclass
@@ -83,7 +91,7 @@ class Soak:
     def __init__(self, config: SoakConfig, model: str):
         self.config, self.model = config, model
         self.rng = random.Random(f"soak:{config.seed}")
-        self.kinds, self.weights = zip(*MIX)
+        self.cycle = itertools.cycle(mix_cycle())
         self.outcomes: list[Outcome] = []
         self.samples: list[Sample] = []
         self.t0 = 0.0
@@ -151,7 +159,7 @@ class Soak:
 
     async def _worker(self, client: httpx.AsyncClient, deadline: float) -> None:
         while time.perf_counter() < deadline:
-            await self._one(client, self.rng.choices(self.kinds, self.weights)[0])
+            await self._one(client, next(self.cycle))
 
     async def _sample(self, client: httpx.AsyncClient) -> Sample | None:
         try:

@@ -83,9 +83,7 @@ def resolve_tokenizer(tokenizer: str | None, model: str | None, root: str | None
     for name in dict.fromkeys(c for c in (root, model) if c):
         tried.append(name)
         if name == DEMO_MODEL_NAME:
-            from server.demo import ensure_demo_model
-
-            return _load(str(ensure_demo_model()), local_only=True)
+            return _demo_tokenizer()
         try:
             return _load(name, local_only=True)  # a local directory, or a Hub id in the local cache
         except (OSError, ValueError):
@@ -96,6 +94,20 @@ def resolve_tokenizer(tokenizer: str | None, model: str | None, root: str | None
         f"cannot find the tokenizer of {named}: not the demo model, not a directory on this machine, "
         "not in the local Hugging Face cache; pass --tokenizer DIR_OR_HUB_ID"
     )
+
+
+def _demo_tokenizer():
+    """The tokenizer of what `pagedserve serve` serves without a model (the same choice as the server's)."""
+    try:
+        from server.demo.default_model import default_model_path
+    except ImportError:  # a build without the trained default: the random demo model
+        from server.demo import ensure_demo_model as default_model_path
+    path = Path(default_model_path())
+    if path.suffix == ".gguf":
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    return _load(str(path), local_only=True)
 
 
 def guarded(command: Callable[[Any], int]) -> Callable[[Any], int]:
