@@ -51,6 +51,12 @@ _ENGINE_HELP = {
     "max_num_seqs": "Sequences running at once at most.",
     "max_queued_requests": "Waiting requests at most; past it requests get 429 and /ready turns 503 "
     "(default: 2 x --max-num-seqs; -1: unbounded).",
+    "grammar_compile_timeout": "Seconds one structured-output grammar (JSON schema, regex, grammar) may take to "
+    "compile in its worker process; past it the process is killed and the request gets 400.",
+    "max_grammar_bytes": "Structured-output schemas, regexes, grammars and choice lists larger than this get 400.",
+    "structured_outputs_any_whitespace": "JSON grammars allow any whitespace between tokens (as vLLM's default); "
+    "off: fixed separators, as small models fill unbounded whitespace until max_tokens. A request's "
+    "structured_outputs.disable_any_whitespace overrides it.",
     "scheduling_policy": "fcfs: first come, first served; priority: waiting requests by their 'priority' field "
     "(lower first, then arrival), and memory shortage preempts the lowest priority first.",
 }

@@ -16,6 +16,7 @@ from server.errors import ConfigError
 SCHEDULING_POLICIES = ("fcfs", "priority")
 ATTENTION_BACKENDS = ("auto", "reference", "batched", "triton")  # kernels.ops.BACKENDS
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+TOOL_CALL_PARSERS = (None, "hermes", "llama3_json")  # server/api/tools/parsers.py
 # --model-impl values -> the canonical name; "vllm" is vLLM's name for its own (native) models.
 MODEL_IMPLS = MappingProxyType({"auto": "auto", "native": "native", "vllm": "native", "transformers": "transformers"})
 # --dtype values (vLLM's names and the usual short ones) -> the canonical name every other part reads.
@@ -71,6 +72,14 @@ class SchedulerConfig:
     policy: str = "fcfs"  # "fcfs" or "priority": the order of the waiting queue
 
 
+@dataclass(frozen=True)
+class StructuredOutputsConfig:
+    compile_timeout: float = 10.0  # seconds one grammar may take to compile
+    max_grammar_bytes: int = 64 * 1024  # larger schemas, regexes, grammars and choice lists are refused
+    any_whitespace: bool = False  # JSON grammars allow free whitespace unless a request says otherwise
+    workers: int = 2  # compile processes at most
+
+
 @dataclass
 class EngineArgs:
     model: str | None = None  # None: the built-in demo model
@@ -96,6 +105,9 @@ class EngineArgs:
     max_num_seqs: int = 128
     max_queued_requests: int | None = None  # None: unbounded here, the server's default with for_server()
     scheduling_policy: str = "fcfs"
+    grammar_compile_timeout: float = 10.0
+    max_grammar_bytes: int = 64 * 1024
+    structured_outputs_any_whitespace: bool = False
 
     def __post_init__(self) -> None:
         # An alias becomes its canonical name here, so every other part reads only those; validate() rejects the rest.
@@ -145,6 +157,8 @@ class EngineArgs:
             self.scheduling_policy in SCHEDULING_POLICIES,
             f"--scheduling-policy must be fcfs or priority, got {self.scheduling_policy!r}.",
         )
+        need(self.grammar_compile_timeout > 0, f"--grammar-compile-timeout must be > 0 s, got {self.grammar_compile_timeout}.")
+        need(self.max_grammar_bytes >= 1, f"--max-grammar-bytes must be at least 1, got {self.max_grammar_bytes}.")
         need(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}.")
         need(
             self.attention_backend in ATTENTION_BACKENDS,
@@ -157,6 +171,13 @@ class EngineArgs:
         need(
             self.model_impl in MODEL_IMPLS,
             f"--model-impl must be auto, native (alias vllm) or transformers, got {self.model_impl!r}.",
+        )
+
+    def structured_outputs_config(self) -> StructuredOutputsConfig:
+        return StructuredOutputsConfig(
+            compile_timeout=self.grammar_compile_timeout,
+            max_grammar_bytes=self.max_grammar_bytes,
+            any_whitespace=self.structured_outputs_any_whitespace,
         )
 
     def for_server(self) -> EngineArgs:
@@ -227,6 +248,7 @@ class ServerConfig:
     disable_access_log: bool = False
     auth_admin_routes: bool = False  # also require the key on /health, /ready, /metrics
     trust_request_chat_template: bool = False  # accept `chat_template` in chat requests
+    tool_call_parser: str | None = None  # how tool_choice "auto" reads tool calls out of the text
 
     HELP: ClassVar[dict[str, str]] = {
         "host": "Address to listen on.",
@@ -239,6 +261,9 @@ class ServerConfig:
         "auth_admin_routes": "Require the API key on /health, /ready and /metrics too.",
         "trust_request_chat_template": "Accept a 'chat_template' in chat requests (rendered in transformers' sandboxed "
         "Jinja environment); without it such requests get 400.",
+        "tool_call_parser": "Read tool calls out of the model's text when tool_choice is auto (or left out): hermes "
+        "(<tool_call>{json}</tool_call>, Qwen2.5/Qwen3, Hermes) or llama3_json ({\"name\", \"parameters\"} objects). "
+        "Without it such replies stay text.",
     }
 
     def validate(self) -> None:
@@ -250,3 +275,6 @@ class ServerConfig:
             raise ConfigError(f"--log-format must be text or json, got {self.log_format!r}.")
         if self.max_request_body_bytes < 1024:
             raise ConfigError("--max-request-body-bytes must be at least 1024.")
+        if self.tool_call_parser not in TOOL_CALL_PARSERS:
+            names = ", ".join(p for p in TOOL_CALL_PARSERS if p)
+            raise ConfigError(f"--tool-call-parser must be one of {names}, got {self.tool_call_parser!r}.")

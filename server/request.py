@@ -5,8 +5,13 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from server.errors import InvalidRequest
+from server.structured.spec import GrammarSpec
+
+if TYPE_CHECKING:
+    from server.structured.matcher import GrammarState
 
 
 @dataclass
@@ -35,6 +40,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True  # False: no space between two added tokens in the text
     allowed_token_ids: list[int] | None = None  # sample only among these
     bad_words_token_ids: list[list[int]] = field(default_factory=list)  # the API tokenizes `bad_words`
+    structured: GrammarSpec | None = None  # structured outputs: the grammar the output must follow
     # Not sampling, but per request and read below the API: the scheduler and the prefix cache.
     priority: int = 0  # lower runs first (only with --scheduling-policy priority)
     cache_salt: str | None = None  # isolates this request's prefix-cache entries
@@ -134,6 +140,7 @@ class Request:
         self.num_preemptions = 0
         self.max_tokens: int = params.max_tokens or 0  # resolved against max_model_len at admission
         self.stop_reason: int | str | None = None
+        self.grammar: GrammarState | None = None  # the matcher of `params.structured`, set once compiled
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -172,7 +172,7 @@ def test_info(api_server):
         ({"inputs": "hi", "parameters": {"stop": ["a", "b", "c", "d", "e"]}}, "up to 4 stop sequences"),
         ({"inputs": "hi", "parameters": {"typical_p": 0.5}}, "`typical_p` is not supported"),
         ({"inputs": "hi", "parameters": {"best_of": 2}}, "`best_of` != 1"),
-        ({"inputs": "hi", "parameters": {"grammar": {"type": "regex", "value": "a+"}}}, "`grammar` is not supported"),
+        ({"inputs": "hi", "parameters": {"grammar": {"type": "yaml", "value": "a"}}}, "grammar.type must be 'json' or 'regex'"),
         ({"inputs": "hi", "parameters": {"bogus": 1}}, "Unrecognized request argument supplied: parameters.bogus"),
         ({"inputs": "hi", "parameters": {"max_new_tokens": 600}}, "`max_new_tokens` must be <= 512"),
         ({"inputs": "hi " * 600, "parameters": {"max_new_tokens": None}}, "`inputs` must have less than 511 tokens"),

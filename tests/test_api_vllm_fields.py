@@ -259,12 +259,9 @@ def test_fields_accepted_as_vllm_accepts_them(api_server):
 
 
 REFUSED = [
-    ("guided_json", {"type": "object"}, "not supported yet"),
-    ("guided_regex", "[a-z]+", "not supported yet"),
-    ("guided_choice", ["yes", "no"], "not supported yet"),
-    ("guided_grammar", "root ::= 'a'", "not supported yet"),
-    ("structured_outputs", {"regex": "a+"}, "not supported yet"),
-    ("response_format", {"type": "json_object"}, "not supported yet"),
+    ("guided_whitespace_pattern", "[ ]?", "disable_any_whitespace"),
+    ("guided_decoding_backend", "outlines", "xgrammar"),
+    ("structural_tag", {"type": "structural_tag"}, "structural tags"),
     ("kv_transfer_params", {"do_remote_decode": True}, "disaggregated"),
     ("mm_processor_kwargs", {"num_crops": 4}, "text-only"),
     ("logits_processors", ["my_module.Processor"], "logit_bias"),

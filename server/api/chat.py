@@ -25,6 +25,9 @@ from server.api.protocol import (
     dump_response,
 )
 from server.api.sampling import StreamUsage, build_sampling_params, stream_usage
+from server.api.structured_outputs import grammar_spec
+from server.api.tools.choice import ToolPlan, plan_tools
+from server.api.tools.parsers import ParsedDelta, ToolParser
 from server.api.unsupported import refuse_unsupported
 from server.api.state import ServerState, get_state
 from server.api.streaming import SSEResponse, sse_stream, unless_disconnected
@@ -46,14 +49,11 @@ class _Plan:
     prompt_logprobs: bool  # vLLM's prompt_logprobs field: return them
     as_ids: bool  # return_tokens_as_token_ids
     token_ids: bool  # return_token_ids
+    tools: ToolPlan  # how tool calls are forced and read out of the reply
 
 
 def _check_unsupported(body: ChatCompletionRequest) -> None:
     refuse_unsupported(body)
-    choice = body.tool_choice
-    if choice is not None and not (isinstance(choice, str) and choice in ("none", "auto")):
-        shown = repr(choice) if isinstance(choice, str) else "naming a function"
-        raise InvalidRequest(f"tool_choice {shown} is not supported yet: only 'none' and 'auto'.", param="tool_choice")
     if body.top_logprobs and not body.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs set to true.", param="top_logprobs")
     if body.stream and body.prompt_logprobs:
@@ -74,8 +74,23 @@ def _plan(body: ChatCompletionRequest, state: ServerState, rid: str) -> _Plan:
     prompt_ids = truncate_prompt(prompt_ids, body.truncate_prompt_tokens, state.model.max_model_len)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    tools = plan_tools(body, state.config.tool_call_parser)
+    structured = grammar_spec(body)
+    if tools.grammar is not None:
+        if structured is not None:
+            raise InvalidRequest(
+                f"tool_choice 'required' or naming a function makes the reply tool calls; it cannot be combined "
+                f"with {structured.param}.",
+                param="tool_choice",
+            )
+        structured = tools.grammar
     params = build_sampling_params(
-        body, state.model, max_tokens=max_tokens, logprobs=top_logprobs, prompt_logprobs=body.prompt_logprobs
+        body,
+        state.model,
+        max_tokens=max_tokens,
+        logprobs=top_logprobs,
+        prompt_logprobs=body.prompt_logprobs,
+        structured=structured,
     )
     echo_text = ""
     last = body.messages[-1]
@@ -92,6 +107,7 @@ def _plan(body: ChatCompletionRequest, state: ServerState, rid: str) -> _Plan:
         prompt_logprobs=body.prompt_logprobs is not None,
         as_ids=bool(body.return_tokens_as_token_ids),
         token_ids=bool(body.return_token_ids),
+        tools=tools,
     )
 
 
@@ -125,10 +141,19 @@ async def _collect(plan: _Plan, state: ServerState, generation: Generation) -> d
         logprobs = None
         if plan.top_logprobs is not None:
             logprobs = ChatLogprobs(content=chat_logprobs(choice.logprobs, state.tokens, plan.top_logprobs, plan.as_ids))
-        message = ChatResponseMessage(content=plan.echo_text + choice.full_text, refusal=None)
+        content, calls, finish_reason = choice.full_text, [], choice.finish_reason
+        if plan.tools.new_parser is not None:
+            parser = plan.tools.new_parser()
+            parser.feed(content)
+            parser.finish()
+            content, calls = parser.result()
+            finish_reason = _finish_reason(plan, parser, finish_reason)
+        if plan.echo_text:
+            content = plan.echo_text + (content or "")
+        message = ChatResponseMessage(content=content, refusal=None, tool_calls=[call.as_dict() for call in calls])
         token_ids = list(choice.token_ids) if plan.token_ids else None
         out_choices.append(
-            ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=choice.finish_reason, token_ids=token_ids)
+            ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=finish_reason, token_ids=token_ids)
         )
     usage = make_usage([len(plan.prompt_ids)], choices)
     response = ChatCompletionResponse(id=plan.id, created=now(), model=plan.model, choices=out_choices, usage=usage)
@@ -140,9 +165,17 @@ async def _collect(plan: _Plan, state: ServerState, generation: Generation) -> d
     return dump_response(response)
 
 
+def _finish_reason(plan: _Plan, parser: ToolParser, reason: str | None) -> str | None:
+    """"tool_calls" when the reply called tools and ended by itself; OpenAI keeps "stop" for a named function."""
+    if reason == "stop" and parser.called and not plan.tools.named:
+        return "tool_calls"
+    return reason
+
+
 async def _stream(plan: _Plan, state: ServerState, generation: Generation) -> AsyncIterator[dict]:
     created = now()
     choices = [Choice() for _ in range(plan.params.n)]
+    parsers = [plan.tools.new_parser() if plan.tools.new_parser else None for _ in choices]
     first_chunk = True  # return_token_ids: the prompt's ids go on the first chunk of the stream
 
     def chunk(
@@ -174,10 +207,21 @@ async def _stream(plan: _Plan, state: ServerState, generation: Generation) -> As
         if plan.top_logprobs is not None and out.logprobs:
             entries = list(zip(out.token_ids, out.logprobs))
             logprobs = chat_logprobs(entries, state.tokens, plan.top_logprobs, plan.as_ids)
-        if out.text or logprobs or (plan.token_ids and out.token_ids):
-            yield chunk(out.index, {"content": out.text}, logprobs, token_ids=list(out.token_ids))
+        parser = parsers[out.index]
+        if parser is None:
+            parsed = ParsedDelta(content=out.text)
+        else:
+            parsed = parser.feed(out.text)
+            if out.finish_reason is not None:
+                rest = parser.finish()
+                parsed = ParsedDelta(parsed.content + rest.content, parsed.calls + rest.calls)
+        if parsed.content or logprobs or (plan.token_ids and out.token_ids):
+            yield chunk(out.index, {"content": parsed.content}, logprobs, token_ids=list(out.token_ids))
+        for call in parsed.calls:
+            yield chunk(out.index, {"tool_calls": [call.as_dict()]})
         if out.finish_reason is not None:
-            yield chunk(out.index, {}, finish_reason=out.finish_reason, token_ids=[])
+            reason = out.finish_reason if parser is None else _finish_reason(plan, parser, out.finish_reason)
+            yield chunk(out.index, {}, finish_reason=reason, token_ids=[])
     if plan.usage.final:
         usage = make_usage([len(plan.prompt_ids)], choices)
         head = {"id": plan.id, "object": "chat.completion.chunk", "created": created, "model": plan.model}

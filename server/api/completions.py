@@ -23,6 +23,7 @@ from server.api.protocol import (
     dump_response,
 )
 from server.api.sampling import StreamUsage, build_sampling_params, stream_usage
+from server.api.structured_outputs import grammar_spec
 from server.api.unsupported import refuse_unsupported
 from server.api.state import ServerState, get_state
 from server.api.streaming import SSEResponse, sse_stream, unless_disconnected
@@ -80,6 +81,7 @@ def _plan(body: CompletionRequest, state: ServerState, rid: str) -> _Plan:
         max_tokens=1 if prompt_only else max_tokens,
         logprobs=body.logprobs,
         prompt_logprobs=wanted_prompt_logprobs,
+        structured=None if prompt_only else grammar_spec(body),
     )
     return _Plan(
         id=f"cmpl-{rid}",

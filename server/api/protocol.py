@@ -34,8 +34,34 @@ class StreamOptions(StrictModel):
     include_obfuscation: bool | None = None  # accepted, nothing to obfuscate
 
 
-_NOT_YET = "Structured outputs: refused until they are supported."
 _NO_MEANING = "Refused: see the README's vLLM request fields."
+
+
+class StructuredOutputsParams(StrictModel):
+    """vLLM's `structured_outputs`: exactly one of json, regex, choice, grammar, json_object."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json", description="A JSON schema (object or JSON text).")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = Field(None, description="An EBNF grammar (xgrammar's dialect, as GBNF: root ::= ...).")
+    json_object: bool | None = None
+    disable_any_whitespace: bool | None = Field(
+        None, description="true: fixed JSON separators; false: any whitespace; unset: the server's default (fixed)."
+    )
+    whitespace_pattern: str | None = Field(None, description="Refused: the grammar engine takes no whitespace pattern.")
+    structural_tag: Any = Field(None, description="Refused: structural tags are not supported.")
+
+
+class JsonSchemaFormat(StrictModel):
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(StrictModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class SamplingRequest(StrictModel):
@@ -76,15 +102,16 @@ class SamplingRequest(StrictModel):
     return_token_ids: bool | None = Field(None, description="Add prompt_token_ids and token_ids to the response.")
     use_beam_search: bool | None = Field(False, description="Refused when true: no beam search.")
     length_penalty: float | None = Field(1.0, description="Beam search only; ignored without it, as vLLM does.")
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = Field(None, description="vLLM's structured outputs.")
+    guided_json: dict[str, Any] | str | None = Field(None, description="Older name of structured_outputs.json.")
+    guided_regex: str | None = Field(None, description="Older name of structured_outputs.regex.")
+    guided_choice: list[str] | None = Field(None, description="Older name of structured_outputs.choice.")
+    guided_grammar: str | None = Field(None, description="Older name of structured_outputs.grammar.")
+    guided_decoding_backend: str | None = Field(None, description="Only xgrammar (or auto): the one grammar engine here.")
+    guided_whitespace_pattern: str | None = Field(None, description="Refused: the grammar engine takes no whitespace pattern.")
     # vLLM's fields this server refuses when set (server/api/unsupported.py says why)
-    structured_outputs: Any = Field(None, description=_NOT_YET)
-    guided_json: Any = Field(None, description=_NOT_YET)
-    guided_regex: Any = Field(None, description=_NOT_YET)
-    guided_choice: Any = Field(None, description=_NOT_YET)
-    guided_grammar: Any = Field(None, description=_NOT_YET)
-    structural_tag: Any = Field(None, description=_NOT_YET)
-    guided_decoding_backend: Any = Field(None, description=_NOT_YET)
-    guided_whitespace_pattern: Any = Field(None, description=_NOT_YET)
+    structural_tag: Any = Field(None, description="Refused: structural tags are not supported.")
     kv_transfer_params: Any = Field(None, description=_NO_MEANING)
     mm_processor_kwargs: Any = Field(None, description=_NO_MEANING)
     logits_processors: Any = Field(None, description=_NO_MEANING)
@@ -108,7 +135,6 @@ class CompletionRequest(SamplingRequest):
     suffix: str | None = Field(None, description="Not supported: must be empty.")
     # vLLM's extras
     add_special_tokens: bool | None = Field(True, description="Add the tokenizer's special tokens (BOS) to text prompts.")
-    response_format: Any = Field(None, description="Only {'type': 'text'}: structured outputs are not supported yet.")
     prompt_embeds: Any = Field(None, description=_NO_MEANING)
 
 
@@ -161,18 +187,12 @@ class NamedToolChoice(BaseModel):
     function: dict[str, Any] | None = None
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-    type: Literal["text", "json_object", "json_schema"]
-
-
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, le=INT64_MAX, description="Deprecated by OpenAI: max_completion_tokens.")
     max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -272,17 +292,32 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str = Field(description="The arguments as JSON text, as the model wrote them.")
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCallOut] = Field(default_factory=list, description="Calls read out of the reply (tools).")
+
+
+ChatFinishReason = Literal["stop", "length", "abort", "tool_calls"]
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None
-    finish_reason: Literal["stop", "length", "abort"] | None
+    finish_reason: ChatFinishReason | None
     token_ids: list[int] | None = Field(None, description="With return_token_ids.")
 
 
@@ -299,9 +334,9 @@ class ChatCompletionResponse(BaseModel):
 
 class ChatChunkChoice(BaseModel):
     index: int
-    delta: dict[str, str]
+    delta: dict[str, Any] = Field(description="role, content, and tool_calls (index, id, type, function name/arguments).")
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: ChatFinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -13,6 +13,7 @@ from server.api.protocol import SamplingRequest
 from server.api.state import ModelInfo
 from server.errors import InvalidRequest
 from server.request import SamplingParams
+from server.structured.spec import GrammarSpec
 
 # Fields that fall back to generation_config.json when the request leaves them unset.
 _MODEL_DEFAULTED = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
@@ -39,8 +40,9 @@ def build_sampling_params(
     max_tokens: int | None,
     logprobs: int | None,
     prompt_logprobs: int | None = None,
+    structured: GrammarSpec | None = None,
 ) -> SamplingParams:
-    values: dict = {"max_tokens": max_tokens, "logprobs": logprobs, "prompt_logprobs": prompt_logprobs}
+    values: dict = {"max_tokens": max_tokens, "logprobs": logprobs, "prompt_logprobs": prompt_logprobs, "structured": structured}
     for name in _MODEL_DEFAULTED:
         value = getattr(request, name)
         if value is None:

@@ -7,6 +7,7 @@ import secrets
 from dataclasses import dataclass
 
 from server.api.state import ServerState
+from server.api.structured_outputs import tgi_grammar_spec
 from server.api.tgi_protocol import GenerateParameters, GenerateRequest
 from server.errors import ContextTooLong, InvalidRequest
 from server.request import SamplingParams
@@ -60,8 +61,6 @@ def _check_parameters(p: GenerateParameters, stream: bool, state: ServerState) -
         raise _bad("`typical_p` is not supported by this server: leave it unset.", "typical_p")
     if p.watermark:
         raise _bad("`watermark` is not supported by this server: leave it unset or false.", "watermark")
-    if p.grammar is not None:
-        raise _bad("`grammar` is not supported by this server: leave it unset.", "grammar")
     if p.adapter_id is not None and p.adapter_id not in state.model.names:
         served = ", ".join(state.model.names)
         message = f"`adapter_id` {p.adapter_id!r} is not served: this server has no LoRA adapters (serves {served})."
@@ -118,6 +117,7 @@ def plan_request(body: GenerateRequest, state: ServerState, stream: bool) -> Pla
         max_tokens=max_new,
         logprobs=top_n if details or stream else None,  # every streamed token carries its logprob
         prompt_logprobs=0 if p.decoder_input_details else None,
+        structured=tgi_grammar_spec(p.grammar),
     )
     return Plan(
         inputs=body.inputs,

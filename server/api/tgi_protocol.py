@@ -27,7 +27,9 @@ class GenerateParameters(StrictModel):
     details: bool | None = Field(None, description="Return finish reason, token ids, logprobs and seed.")
     do_sample: bool | None = Field(None, description="Sample; also on when temperature, top_k or top_p is set.")
     frequency_penalty: float | None = Field(None, description="In [-2, 2], on the counts of generated tokens.")
-    grammar: dict[str, Any] | None = Field(None, description="Not supported: must be null.")
+    grammar: dict[str, Any] | None = Field(
+        None, description='Structured output: {"type": "json", "value": schema} or {"type": "regex", "value": pattern}.'
+    )
     max_new_tokens: int | None = Field(
         DEFAULT_MAX_NEW_TOKENS, description="Default 100 when absent; null: up to the context length."
     )

@@ -10,18 +10,8 @@ from __future__ import annotations
 from server.api.protocol import SamplingRequest
 from server.errors import InvalidRequest
 
-_STRUCTURED = "Structured outputs are not supported yet"
-_STRUCTURED_FIELDS = (
-    "structured_outputs",
-    "guided_json",
-    "guided_regex",
-    "guided_choice",
-    "guided_grammar",
-    "structural_tag",
-    "guided_decoding_backend",
-    "guided_whitespace_pattern",
-)
 _WHY_NOT = {
+    "structural_tag": "structural tags are not supported; use response_format, structured_outputs or tools",
     "kv_transfer_params": "disaggregated serving (KV transfer between servers) is not part of this server",
     "mm_processor_kwargs": "this server serves text-only models: there is no multimodal processor to configure",
     "prompt_embeds": "prompts are text or token ids here; embedding inputs are not accepted",
@@ -40,17 +30,6 @@ def _is_set(value) -> bool:
 
 def refuse_unsupported(body: SamplingRequest) -> None:
     """Raise InvalidRequest naming the first vLLM field in `body` that this server does not serve."""
-    for name in _STRUCTURED_FIELDS:
-        if _is_set(getattr(body, name)):
-            raise InvalidRequest(f"{name} is not supported yet: {_STRUCTURED.lower()}.", param=name)
-    response_format = getattr(body, "response_format", None)
-    if response_format is not None:
-        kind = response_format.get("type") if isinstance(response_format, dict) else getattr(response_format, "type", None)
-        if kind != "text":
-            raise InvalidRequest(
-                f"response_format {kind!r} is not supported yet: only 'text' ({_STRUCTURED.lower()}).",
-                param="response_format",
-            )
     for name, why in _WHY_NOT.items():
         if _is_set(getattr(body, name, None)):
             raise InvalidRequest(f"{name} is not supported: {why}.", param=name)

@@ -50,6 +50,7 @@ class EngineClient:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        self.core.close()
 
     @property
     def info(self) -> EngineInfo:

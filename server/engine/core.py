@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import time
@@ -13,13 +14,15 @@ from server.config import EngineArgs
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.messages import EngineInfo, GenerateRequest, RequestOutput
 from server.engine.tokenizer import eos_token_ids, load_generation_config, load_tokenizer, sampling_defaults
-from server.errors import InvalidRequest
+from server.errors import InvalidRequest, PagedServeError
 from server.metrics import FinishedStats, StepStats
 from server.request import Request, RequestStatus, SamplingParams, TokenLogprob
 from server.runner import loader
 from server.runner.model_runner import ModelRunner
 from server.scheduler.kv_blocks import BlockPool
 from server.scheduler.scheduler import Scheduler
+from server.structured.compiler import GrammarCompiler
+from server.structured.matcher import GrammarState
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +77,9 @@ class EngineCore:
         self._children: dict[str, list[str]] = {}  # parent id -> scheduler request ids
         self._aborted: list[FinishedStats] = []  # choices aborted since the last stats, reported with the next
         self._backend_tokenizer = getattr(self.tokenizer, "backend_tokenizer", None) or self.tokenizer._tokenizer
+        self.structured_config = args.structured_outputs_config()
+        self._grammar_compiler: GrammarCompiler | None = None  # started by the first structured request
+        self._awaiting_grammar: dict[str, tuple[GenerateRequest, concurrent.futures.Future]] = {}
         self.startup_seconds = time.perf_counter() - started
         logger.info("Engine ready: %s on %s in %.1f s", model, device, self.startup_seconds)
 
@@ -89,6 +95,38 @@ class EngineCore:
         bad = next((t for t in req.prompt_token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequest(f"Token id {bad} is out of range for a vocabulary of {vocab} tokens.", param="prompt")
+        if req.params.structured is not None:  # admitted once its grammar is compiled (see _admit_compiled)
+            if req.request_id in self._awaiting_grammar:
+                raise InvalidRequest(f"Request id {req.request_id!r} is already in use.")
+            self._awaiting_grammar[req.request_id] = (req, self.grammar_compiler.submit(req.params.structured))
+            return
+        self._admit(req, None)
+
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        if self._grammar_compiler is None:
+            vocab = self.hf_config.vocab_size
+            self._grammar_compiler = GrammarCompiler(self.tokenizer, vocab, self.eos_token_ids, self.structured_config)
+        return self._grammar_compiler
+
+    def _admit_compiled(self, wait: bool) -> list[RequestOutput]:
+        """Admit the requests whose grammar is compiled; the refused ones become error outputs. With
+        `wait` (nothing else to run), wait a little for one to finish instead of spinning."""
+        if wait and self._awaiting_grammar:
+            futures = [future for _, future in self._awaiting_grammar.values()]
+            concurrent.futures.wait(futures, timeout=0.01, return_when=concurrent.futures.FIRST_COMPLETED)
+        errors: list[RequestOutput] = []
+        for request_id, (req, future) in list(self._awaiting_grammar.items()):
+            if not future.done():
+                continue
+            del self._awaiting_grammar[request_id]
+            try:
+                self._admit(req, future.result())
+            except PagedServeError as exc:
+                errors.append(_error_output(request_id, exc))
+        return errors
+
+    def _admit(self, req: GenerateRequest, compiled_grammar) -> None:
         params = req.params
         added: list[str] = []
         try:
@@ -98,6 +136,8 @@ class EngineCore:
                     child_params = _with_seed(params, params.seed + index)
                 child_id = req.request_id if params.n == 1 else f"{req.request_id}#{index}"
                 request = Request(child_id, req.prompt_token_ids, child_params, self.eos_token_ids, req.arrival_time)
+                if compiled_grammar is not None:
+                    request.grammar = GrammarState(compiled_grammar)
                 self.scheduler.add_request(request)
                 added.append(child_id)
                 detok = IncrementalDetokenizer(
@@ -120,6 +160,7 @@ class EngineCore:
         """Stop a request (all its choices) and free its KV blocks now. Each unfinished choice counts as
         finished with reason "abort" in the next stats, with its timings, as vLLM counts aborted requests."""
         now = time.monotonic()
+        self._awaiting_grammar.pop(request_id, None)
         for child_id in self._children.pop(request_id, []):
             self.scheduler.finish(child_id, RequestStatus.FINISHED_ABORTED)
             choice = self._choices.pop(child_id, None)
@@ -132,7 +173,12 @@ class EngineCore:
         return aborted
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._awaiting_grammar)
+
+    def close(self) -> None:
+        """Stop what runs beside the loop (the grammar compiler's workers)."""
+        if self._grammar_compiler is not None:
+            self._grammar_compiler.close()
 
     def startup_phases(self) -> dict[str, float]:
         """Seconds per start-up phase; phases this engine does not run (compile, warm-up) are absent."""
@@ -175,13 +221,14 @@ class EngineCore:
 
     def step(self) -> tuple[list[RequestOutput], StepStats]:
         started = time.perf_counter()
+        grammar_errors = self._admit_compiled(wait=not self.scheduler.has_unfinished())
         batch = self.scheduler.schedule()
         for preempted in batch.preempted:
             choice = self._choices.get(preempted.request_id)
             if choice is not None and not choice.prompt_logprobs_sent:
                 choice.prompt_logprobs.clear()
         stats = StepStats(num_preempted=len(batch.preempted), finished=self._take_aborted())
-        outputs: list[RequestOutput] = []
+        outputs: list[RequestOutput] = grammar_errors
         if not batch.empty:
             now = time.monotonic()
             for seq in batch.seqs:
@@ -190,6 +237,8 @@ class EngineCore:
                     choice.first_scheduled_time = now
             result = self.runner.execute(batch)
             self.scheduler.update(batch, result.sampled)
+            for request_id in result.grammar_ended:  # the grammar allows nothing more (EOS ignored, or refused)
+                self.scheduler.finish(request_id, RequestStatus.FINISHED_STOPPED)
             for seq in batch.seqs:
                 choice = self._choices.get(seq.request.request_id)
                 if choice is None:
@@ -201,7 +250,7 @@ class EngineCore:
                     outputs.append(self._emit(choice, result.sampled[seq.request.request_id], result.logprobs.get(seq.request.request_id), stats))
         stats.num_batched_tokens = batch.num_batched_tokens
         stats.num_running = self.scheduler.num_running
-        stats.num_waiting = self.scheduler.num_waiting
+        stats.num_waiting = self.scheduler.num_waiting + len(self._awaiting_grammar)
         stats.kv_usage = self.block_pool.usage
         stats.prefix_queries = self.block_pool.prefix_queries
         stats.prefix_hits = self.block_pool.prefix_hits
@@ -269,6 +318,13 @@ class EngineCore:
         siblings = self._children.get(choice.parent_id)
         if siblings is not None and all(c not in self._choices for c in siblings):
             del self._children[choice.parent_id]
+
+
+def _error_output(request_id: str, error: PagedServeError) -> RequestOutput:
+    return RequestOutput(
+        request_id=request_id, index=0, token_ids=[], text="", logprobs=None, finish_reason=None,
+        stop_reason=None, num_prompt_tokens=0, num_cached_tokens=0, num_output_tokens=0, error=error,
+    )
 
 
 def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:

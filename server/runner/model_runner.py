@@ -43,6 +43,8 @@ class RunnerOutput:
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
     # request id -> logprobs of prompt tokens start+1 .. covered by this step (None for token 0)
     prompt_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
+    # requests whose grammar is done (or refused the token): nothing may follow this step's token
+    grammar_ended: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -276,4 +278,6 @@ class ModelRunner:
                 out.logprobs[sampling_reqs[i].request_id] = lp
         for req, token in zip(sampling_reqs, token_list):
             out.sampled[req.request_id] = token
+            if req.grammar is not None and (not req.grammar.accept(token) or req.grammar.terminated):
+                out.grammar_ended.add(req.request_id)
         return out

@@ -1,5 +1,5 @@
-"""Token sampling on the device: allowed tokens, bad words, bias, min_tokens, penalties, temperature,
-top-k/p, min-p, seeds, logprobs."""
+"""Token sampling on the device: grammar masks (structured outputs), allowed tokens, bad words, bias,
+min_tokens, penalties, temperature, top-k/p, min-p, seeds, logprobs."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from server.request import Request, TokenLogprob
+from server.structured.matcher import allocate_bitmask, apply_bitmask
 
 _NEG_INF = float("-inf")
 
@@ -29,6 +30,8 @@ class SamplingBatch:
     bias_cols: torch.Tensor | None
     bias_vals: torch.Tensor | None
     disallowed: torch.Tensor | None  # [N, vocab] bool: outside the row's allowed_token_ids; None when no row limits
+    grammar_bitmask: torch.Tensor | None  # [N, ceil(vocab / 32)] int32 (CPU): tokens each grammar allows next
+    grammar_rows: list[int]  # the rows that follow a grammar
     generators: list[torch.Generator | None]  # per row; None rows share the batch generator
     num_logprobs: list[int | None]
     all_greedy: bool
@@ -89,6 +92,10 @@ def build_sampling_batch(
                     rows.append(i)
                     cols.append(token)
                     vals.append(_NEG_INF)
+    grammar_rows = [i for i, r in enumerate(requests) if r.grammar is not None]
+    bitmask = allocate_bitmask(len(requests), vocab_size) if grammar_rows else None
+    for i in grammar_rows:
+        requests[i].grammar.fill_mask(bitmask, i)
     top_k = [p.top_k if p.top_k > 0 else vocab_size for p in params]
     return SamplingBatch(
         temperature=column([0.0 if g else p.temperature for g, p in zip(greedy, params)], torch.float32),
@@ -104,6 +111,8 @@ def build_sampling_batch(
         bias_cols=column(cols, torch.int64) if rows else None,
         bias_vals=column(vals, torch.float32) if rows else None,
         disallowed=disallowed.to(device) if disallowed is not None else None,
+        grammar_bitmask=bitmask,
+        grammar_rows=grammar_rows,
         generators=generators,
         num_logprobs=[p.logprobs for p in params],
         all_greedy=all(greedy),
@@ -186,13 +195,25 @@ def _random_pick(probs: torch.Tensor, batch: SamplingBatch, generator: torch.Gen
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator | None) -> torch.Tensor:
-    """Pick one token per row of `logits` [N, vocab] (float32). Returns [N] int64."""
+    """Pick one token per row of `logits` [N, vocab] (float32). Returns [N] int64.
+
+    A grammar's mask comes first; where the request's other limits (allowed_token_ids, bad words,
+    min_tokens) leave no token the grammar allows, the grammar wins."""
+    grammar_logits = None
+    if batch.grammar_bitmask is not None:
+        logits = logits.clone()
+        apply_bitmask(logits, batch.grammar_bitmask, batch.grammar_rows)
+        grammar_logits = logits
     if batch.disallowed is not None:
         logits = logits.masked_fill(batch.disallowed, _NEG_INF)
     if batch.bias_rows is not None:
         logits = logits.index_put((batch.bias_rows, batch.bias_cols), batch.bias_vals, accumulate=True)
     if batch.any_penalty:
         logits = apply_penalties(logits, batch)
+    if grammar_logits is not None:
+        dead = torch.zeros(logits.shape[0], 1, dtype=torch.bool, device=logits.device)
+        dead[batch.grammar_rows] = torch.isneginf(logits[batch.grammar_rows]).all(dim=-1, keepdim=True)
+        logits = torch.where(dead, grammar_logits, logits)
     greedy = logits.argmax(dim=-1)
     if batch.all_greedy:
         return greedy

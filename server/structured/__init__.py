@@ -1,0 +1,1 @@
+"""Grammars for structured outputs: specs, compilation off the step loop, per-request matcher state."""
