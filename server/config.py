@@ -51,6 +51,7 @@ class ModelConfig:
     device: str = "cpu"
     attention_backend: str = "auto"
     load_format: str = "auto"  # dummy: random weights, no checkpoint read
+    use_tqdm_on_load: bool = True  # progress bars while weights load (on a terminal)
     model_impl: str = "auto"  # auto | native | transformers
 
 
@@ -85,6 +86,7 @@ class EngineArgs:
     model: str | None = None  # None: the built-in demo model
     revision: str | None = None
     download_dir: str | None = None
+    gguf_file: str | None = None  # the .gguf file of a Hub repo (or of a local directory) to serve
     tokenizer: str | None = None
     chat_template: str | None = None
     served_model_name: list[str] | str | None = None
@@ -96,6 +98,7 @@ class EngineArgs:
     attention_backend: str = "auto"
     load_format: str = "auto"
     model_impl: str = "auto"
+    use_tqdm_on_load: bool = True
     block_size: int = 16
     enable_prefix_caching: bool = True
     kv_cache_memory: float | None = None
@@ -215,6 +218,7 @@ class EngineArgs:
             attention_backend=self.attention_backend,
             load_format=self.load_format,
             model_impl=self.model_impl,
+            use_tqdm_on_load=self.use_tqdm_on_load,
         )
 
     def cache_config(self) -> CacheConfig:

@@ -1,4 +1,4 @@
-"""Built-in demo model and tiny test models (random weights, real architectures)."""
+"""The default model (trained SmolLM2 when installed), the built-in random demo model and tiny test models."""
 
 from server.demo.builder import (
     DEMO_VERSION,
@@ -10,13 +10,16 @@ from server.demo.builder import (
     make_tiny_model,
     train_tokenizer,
 )
+from server.demo.default_model import default_model_path, installed_trained_model
 
 __all__ = [
     "DEMO_VERSION",
     "TINY_CONFIGS",
     "TokenizerCache",
     "default_demo_dir",
+    "default_model_path",
     "ensure_demo_model",
+    "installed_trained_model",
     "make_demo_model",
     "make_tiny_model",
     "train_tokenizer",

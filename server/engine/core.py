@@ -49,13 +49,14 @@ class EngineCore:
         args.validate()
         started = time.perf_counter()
         if args.model is None:
-            from server.demo import ensure_demo_model
+            from server.demo import default_model_path
 
-            model, path = DEMO_MODEL_NAME, str(ensure_demo_model())
+            model, path = DEMO_MODEL_NAME, str(default_model_path())
         else:
             model = args.model
             path = str(loader.resolve_model_path(
-                model, revision=args.revision, download_dir=args.download_dir, weights=args.load_format != "dummy"
+                model, revision=args.revision, download_dir=args.download_dir, weights=args.load_format != "dummy",
+                gguf_file=args.gguf_file, progress=loader.progress_bars(args.use_tqdm_on_load),
             ))
         self.download_seconds = time.perf_counter() - started
         hf_config = loader.load_hf_config(path)

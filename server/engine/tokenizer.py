@@ -19,9 +19,19 @@ _SAMPLING_DEFAULTS = {
 }
 
 
+def from_pretrained_args(path: str) -> tuple[str, dict]:
+    """transformers' (name_or_path, kwargs) for a checkpoint: a GGUF file is read from its directory
+    with `gguf_file` (its metadata holds the tokenizer, chat template and config)."""
+    file = Path(path)
+    if file.suffix.lower() == ".gguf" and file.is_file():
+        return str(file.parent), {"gguf_file": file.name}
+    return path, {}
+
+
 def load_tokenizer(path: str, chat_template_file: str | None = None):
+    source, kwargs = from_pretrained_args(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except Exception as exc:  # transformers raises many types for a bad tokenizer directory
         raise ConfigError(f"Could not load the tokenizer from {path}: {exc}") from exc
     if chat_template_file:
@@ -33,6 +43,9 @@ def load_tokenizer(path: str, chat_template_file: str | None = None):
 
 
 def load_generation_config(path: str) -> GenerationConfig | None:
+    """generation_config.json of a checkpoint directory; None when there is none (a GGUF file has none)."""
+    if from_pretrained_args(path)[1]:
+        return None
     try:
         return GenerationConfig.from_pretrained(path)
     except OSError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from server.errors import ConfigError
+from server.runner import gguf_loader
 from server.runner.layers.linear import default_weight_loader
 
 logger = logging.getLogger(__name__)
@@ -49,36 +51,61 @@ def _looks_like_path(model: str) -> bool:
 
 
 def resolve_model_path(
-    model: str, revision: str | None = None, download_dir: str | None = None, weights: bool = True
+    model: str,
+    revision: str | None = None,
+    download_dir: str | None = None,
+    weights: bool = True,
+    gguf_file: str | None = None,
+    progress: bool = True,
 ) -> Path:
-    """A local directory as is, else a Hub repo id fetched (or found in the HF cache) with huggingface_hub;
-    without `weights` (--load-format dummy) only its config and tokenizer files are fetched."""
+    """A local directory or .gguf file as is (a directory holding one .gguf and no config.json is that
+    file), else a Hub repo id fetched (or found in the HF cache) with huggingface_hub: its safetensors
+    checkpoint, or its file `gguf_file`; without `weights` (--load-format dummy) only the config and
+    tokenizer files of a safetensors checkpoint are fetched."""
     local = Path(model).expanduser()
-    if local.exists() or _looks_like_path(model):
+    if local.exists() or _looks_like_path(model) or gguf_loader.is_gguf(model):
         if not local.exists():
-            raise ConfigError(f"Model directory {model} does not exist")
-        if not local.is_dir():
-            raise ConfigError(f"Model path {model} is not a directory")
+            raise ConfigError(f"Model {'file' if gguf_loader.is_gguf(model) else 'directory'} {model} does not exist")
+        if local.is_file():
+            if not gguf_loader.is_gguf(local):
+                raise ConfigError(f"Model path {model} is a file but not a .gguf file: give a checkpoint directory or a GGUF file")
+            return local.resolve()
+        found = gguf_loader.find_in_directory(local, gguf_file)
+        if found is not None:
+            return found.resolve()
         if not (local / "config.json").is_file():
-            raise ConfigError(f"Model directory {model} has no config.json")
+            raise ConfigError(f"Model directory {model} has no config.json (nor a .gguf file)")
         return local.resolve()
-    return _download(model, revision, download_dir, weights)
+    with _hub_progress(progress):
+        if gguf_file:
+            return _download_file(model, gguf_file, revision, download_dir)
+        return _download(model, revision, download_dir, weights)
 
 
-def _download(repo_id: str, revision: str | None, download_dir: str | None, weights: bool) -> Path:
+@contextlib.contextmanager
+def _hub_progress(enabled: bool) -> Iterator[None]:
+    """huggingface_hub's download bars on or off (its own switch) for the duration of a download."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    if not enabled:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled and not enabled:
+            enable_progress_bars()
+
+
+@contextlib.contextmanager
+def _hub_errors(repo_id: str, revision: str | None, download_dir: str | None) -> Iterator[None]:
+    """huggingface_hub's download errors as one-line ConfigErrors that say what to do."""
     import huggingface_hub
     from huggingface_hub import errors
 
     where = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
     try:
-        snapshot = huggingface_hub.snapshot_download(
-            repo_id,
-            revision=revision,
-            cache_dir=download_dir,
-            allow_patterns=[p for p in ALLOW_PATTERNS if weights or "safetensors" not in p],
-            ignore_patterns=list(IGNORE_PATTERNS),
-            token=os.environ.get("HF_TOKEN"),
-        )
+        yield
     except errors.GatedRepoError as e:
         raise ConfigError(
             f"Model {repo_id!r} is gated: accept its license on https://huggingface.co/{repo_id} "
@@ -99,20 +126,53 @@ def _download(repo_id: str, revision: str | None, download_dir: str | None, weig
             f"Model {where} is not in the local cache {cache} (or is incomplete there) and {reason}. "
             "Download it once with network access, or pass an existing local model directory"
         ) from e
+    except errors.EntryNotFoundError as e:  # after its subclass LocalEntryNotFoundError
+        raise ConfigError(f"Model repo {where} has no such file: {e}") from e
     except errors.HFValidationError as e:
         raise ConfigError(f"{repo_id!r} is neither a local directory nor a valid Hub model id: {e}") from e
     except errors.HfHubHTTPError as e:
         raise ConfigError(f"Could not download model {where} from the Hugging Face Hub: {e}") from e
+
+
+def _download(repo_id: str, revision: str | None, download_dir: str | None, weights: bool) -> Path:
+    import huggingface_hub
+
+    with _hub_errors(repo_id, revision, download_dir):
+        snapshot = huggingface_hub.snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=download_dir,
+            allow_patterns=[p for p in ALLOW_PATTERNS if weights or "safetensors" not in p],
+            ignore_patterns=list(IGNORE_PATTERNS),
+            token=os.environ.get("HF_TOKEN"),
+        )
     path = Path(snapshot)
     if not (path / "config.json").is_file():
-        raise ConfigError(f"Model {where} has no config.json (fetched to {path})")
+        where = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+        raise ConfigError(
+            f"Model {where} has no config.json (fetched to {path}); for a repo of GGUF files, name one with --gguf-file"
+        )
     return path
 
 
+def _download_file(repo_id: str, gguf_file: str, revision: str | None, download_dir: str | None) -> Path:
+    """One GGUF file of a Hub repo (--gguf-file), fetched or found in the HF cache."""
+    import huggingface_hub
+
+    if not gguf_loader.is_gguf(gguf_file):
+        raise ConfigError(f"--gguf-file {gguf_file}: not a .gguf file name")
+    with _hub_errors(repo_id, revision, download_dir):
+        return Path(huggingface_hub.hf_hub_download(
+            repo_id, gguf_file, revision=revision, cache_dir=download_dir, token=os.environ.get("HF_TOKEN")
+        ))
+
+
 def load_hf_config(path: str | os.PathLike) -> Any:
-    """The transformers config of a model directory."""
+    """The transformers config of a model directory, or of a GGUF file's metadata."""
     from transformers import AutoConfig
 
+    if gguf_loader.is_gguf(path):
+        return gguf_loader.load_config(Path(path))
     try:
         return AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as e:
@@ -155,11 +215,11 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_tensors(files: list[Path], progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
-    disable = not sys.stderr.isatty()
+    disable = not progress
     for file in tqdm(files, desc="Loading safetensors", unit="file", disable=disable or len(files) == 1):
         with safe_open(str(file), framework="pt") as f:
             names = list(f.keys())
@@ -176,16 +236,27 @@ def _target(name: str, packed_modules: Any) -> tuple[str, Any]:
     return name, None
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype) -> None:
-    """Stream every safetensors tensor of ``path`` into ``model``; ConfigError if any parameter stays unset."""
+def progress_bars(use_tqdm_on_load: bool) -> bool:
+    """Whether loading shows tqdm bars: asked for (--use-tqdm-on-load; off with JSON logs) and stderr is a terminal."""
+    return use_tqdm_on_load and sys.stderr.isatty()
+
+
+def load_weights(
+    model: nn.Module, path: str | os.PathLike, dtype: torch.dtype, hf_config: Any = None, progress: bool = False
+) -> None:
+    """Stream every tensor of ``path`` (a safetensors directory, or a GGUF file dequantized tensor by tensor,
+    which needs its ``hf_config``) into ``model``; ConfigError if any parameter stays unset."""
     path = Path(path)
-    files = _safetensors_files(path)
+    if gguf_loader.is_gguf(path):
+        tensors = gguf_loader.iter_tensors(path, hf_config, progress)
+    else:
+        tensors = _iter_tensors(_safetensors_files(path), progress)
     params = dict(model.named_parameters())
     packed_modules = getattr(model, "packed_modules", {})
     tied = getattr(model, "tie_word_embeddings", False)
     loaded: set[tuple[str, Any]] = set()
     unexpected: list[str] = []
-    for name, tensor in _iter_tensors(files):
+    for name, tensor in tensors:
         if name.endswith(_SKIPPED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
         target, shard_id = _target(name, packed_modules)

@@ -85,7 +85,9 @@ class ModelRunner:
         elif model_config.load_format == "dummy":
             loader.init_dummy_weights(self.model, model_config.seed)
         else:
-            loader.load_weights(self.model, model_config.path, self.dtype)
+            loader.load_weights(
+                self.model, model_config.path, self.dtype, hf_config, loader.progress_bars(model_config.use_tqdm_on_load)
+            )
         if ops.pack_linear is not None and not model_config.enforce_eager:
             for module in self.model.modules():
                 if hasattr(module, "pack"):
