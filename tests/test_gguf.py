@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import io
 import logging
 import math
 import os
@@ -297,3 +298,45 @@ def test_bench_finds_the_default_models_tokenizer_by_its_served_name():
 
     tokenizer = resolve_tokenizer(None, "pagedserve-demo", "pagedserve-demo")
     assert len(tokenizer) == 49152 and tokenizer.eos_token == "<|im_end|>"
+
+
+# ---- progress bars --------------------------------------------------------------------------------
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_use_tqdm_on_load_is_on_by_default_and_off_with_json_logs():
+    from server.cli import build_parser, split_args
+
+    def engine(*argv: str):
+        return split_args(build_parser().parse_args(["serve", *argv]))[0]
+
+    assert engine().use_tqdm_on_load is True
+    assert engine("--no-use-tqdm-on-load").use_tqdm_on_load is False
+    assert engine("--log-format", "json").use_tqdm_on_load is False
+    assert engine("--log-format", "json").model_config("m", "/m", 64, "cpu").use_tqdm_on_load is False
+
+
+def test_weight_loading_draws_bars_only_on_a_terminal_when_asked_fake_terminal(monkeypatch):
+    """stderr replaced by a stream that says it is a terminal, to see what a user at one would see."""
+    from server.runner.models.registry import get_model_class
+
+    demo = ensure_demo_model()
+    hf_config = loader.load_hf_config(demo)
+    model = get_model_class(hf_config)(hf_config, _reference_ops())
+    for asked, expected in ((True, True), (False, False)):
+        terminal = _Terminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        loader.load_weights(model, demo, torch.float32, hf_config, loader.progress_bars(asked))
+        monkeypatch.undo()
+        assert ("model.safetensors" in terminal.getvalue()) is expected, terminal.getvalue()
+    assert loader.progress_bars(True) is sys.stderr.isatty()  # pytest's captured stderr: no terminal, no bars
+
+
+def _reference_ops():
+    from kernels.ops import get_ops
+
+    return get_ops(torch.device("cpu"), "reference", dtype=torch.float32)

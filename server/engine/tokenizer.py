@@ -7,6 +7,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, GenerationConfig
 
 from server.errors import ConfigError
+from server.runner.gguf_loader import from_pretrained_args
 
 # generation_config.json fields that become request defaults, mapped to SamplingParams names
 _SAMPLING_DEFAULTS = {
@@ -17,15 +18,6 @@ _SAMPLING_DEFAULTS = {
     "repetition_penalty": "repetition_penalty",
     "max_new_tokens": "max_tokens",
 }
-
-
-def from_pretrained_args(path: str) -> tuple[str, dict]:
-    """transformers' (name_or_path, kwargs) for a checkpoint: a GGUF file is read from its directory
-    with `gguf_file` (its metadata holds the tokenizer, chat template and config)."""
-    file = Path(path)
-    if file.suffix.lower() == ".gguf" and file.is_file():
-        return str(file.parent), {"gguf_file": file.name}
-    return path, {}
 
 
 def load_tokenizer(path: str, chat_template_file: str | None = None):

@@ -28,6 +28,15 @@ def is_gguf(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() == SUFFIX
 
 
+def from_pretrained_args(path: str | os.PathLike) -> tuple[str, dict[str, str]]:
+    """transformers' `from_pretrained` (name_or_path, kwargs) for a checkpoint: a GGUF file is read from its
+    directory with `gguf_file`; anything else as is."""
+    file = Path(path)
+    if is_gguf(file) and file.is_file():
+        return str(file.parent), {"gguf_file": file.name}
+    return str(path), {}
+
+
 def find_in_directory(directory: Path, gguf_file: str | None) -> Path | None:
     """The GGUF file to serve from a directory: `gguf_file` when named, else the only *.gguf when the
     directory has no config.json (a safetensors checkpoint wins), else None."""
