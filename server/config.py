@@ -39,7 +39,7 @@ UNBOUNDED_QUEUE = -1  # --max-queued-requests -1
 @dataclass(frozen=True)
 class ModelConfig:
     model: str  # Hub id or local directory, as given
-    path: str  # the resolved local directory
+    path: str  # the resolved local directory, or .gguf file
     dtype: str
     max_model_len: int
     served_model_names: tuple[str, ...]

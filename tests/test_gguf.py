@@ -25,8 +25,8 @@ import torch
 from api_server import serve_in_subprocess
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.demo import default_model_path, ensure_demo_model, installed_trained_model
 from server.demo import default_model as default_model_module
+from server.demo import default_model_path, ensure_demo_model, installed_trained_model
 from server.errors import ConfigError
 from server.runner import loader
 

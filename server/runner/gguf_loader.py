@@ -131,7 +131,11 @@ def iter_tensors(path: Path, hf_config: Any, progress: bool) -> Iterator[tuple[s
     from gguf.quants import dequantize
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+    )
 
     reader = _reader(path)
     arch = _check(reader, path)

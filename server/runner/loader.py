@@ -85,7 +85,11 @@ def resolve_model_path(
 @contextlib.contextmanager
 def _hub_progress(enabled: bool) -> Iterator[None]:
     """huggingface_hub's download bars on or off (its own switch) for the duration of a download."""
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
 
     was_disabled = are_progress_bars_disabled()
     if not enabled:
