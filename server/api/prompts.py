@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from server.api.protocol import ChatMessage, Tool
@@ -105,9 +106,23 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
         if message.tool_call_id is not None:
             entry["tool_call_id"] = message.tool_call_id
         if message.tool_calls:
-            entry["tool_calls"] = [call.model_dump(exclude_none=True) for call in message.tool_calls]
+            entry["tool_calls"] = [_template_call(call.model_dump(exclude_none=True)) for call in message.tool_calls]
         out.append(entry)
     return out
+
+
+def _template_call(call: dict) -> dict:
+    """Arguments sent back as JSON text (as OpenAI returns them) become an object, as vLLM hands them to
+    templates: templates write them with `| tojson`, which would quote the text a second time."""
+    arguments = call["function"].get("arguments")
+    if isinstance(arguments, str):
+        try:
+            parsed = json.loads(arguments)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            call["function"]["arguments"] = parsed
+    return call
 
 
 def chat_prompt(

@@ -22,12 +22,26 @@ def choice_ebnf(choices: list[str]) -> str:
     return "root ::= " + " | ".join(json.dumps(choice) for choice in choices)
 
 
+# xgrammar writes strings with a length bound as [^"\\\r\n]{m,n}, which lets raw control characters
+# through (invalid JSON: json.loads and the openai SDK refuse them); its unbounded strings exclude them.
+_BOUNDED_STRING_CHAR = r'[^\"\\\r\n]'
+_JSON_STRING_CHAR = r'[^\0-\x1f\"\\\r\n]'
+
+
+def json_ebnf(schema: str, any_whitespace: bool, strict: bool) -> str:
+    """The EBNF of a JSON schema, with string characters as JSON allows them."""
+    import xgrammar as xgr
+
+    grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=any_whitespace, strict_mode=strict)
+    return str(grammar).replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR)
+
+
 def compile_spec(compiler, kind: str, source: str, any_whitespace: bool):
     """GrammarSpec fields -> xgrammar CompiledGrammar; raises on an invalid or unsupported grammar."""
     if kind == "json_schema":
-        return compiler.compile_json_schema(source, any_whitespace=any_whitespace, strict_mode=True)
+        return compiler.compile_grammar(json_ebnf(source, any_whitespace, strict=True))
     if kind == "json_object":
-        return compiler.compile_json_schema('{"type": "object"}', any_whitespace=any_whitespace, strict_mode=False)
+        return compiler.compile_grammar(json_ebnf('{"type": "object"}', any_whitespace, strict=False))
     if kind == "regex":
         return compiler.compile_regex(source)
     if kind == "ebnf":
