@@ -9,8 +9,10 @@ import shutil
 import subprocess
 import sys
 
+import openai
 import pytest
 import torch
+from api_server import serve_in_subprocess
 from test_parity import MAX_NEW, _prompts, _reference
 from transformers import AutoModelForCausalLM, BertConfig, Gemma2Config, GenerationConfig, GPT2Config, Phi3Config, T5Config
 
@@ -106,6 +108,22 @@ def test_greedy_parity_with_transformers_generate(arch_case):
     assert llm.engine.scheduler.num_preemptions_total > preemptions_before, "the KV cache was meant to force preemption"
     assert llm.engine.block_pool.prefix_hits > 0, "shared prefixes were meant to hit the prefix cache"
     assert llm.engine.block_pool.usage == 0.0
+
+
+def test_served_over_http_stream_and_not_match_transformers(tokenizer_dir, tmp_path):
+    """`pagedserve serve` picks the transformers backend by itself for GPT-2; the openai SDK's greedy
+    completions, streamed and not, carry transformers' tokens."""
+    path = _save_model(CONFIGS["gpt2"](), tokenizer_dir, tmp_path / "gpt2")
+    prompts = _prompts(VOCAB, seed=2)[:4]
+    expected = _reference(path, prompts, max_new=10)
+    flags = ("--max-model-len", "256", "--kv-cache-memory", "0.01", "--disable-access-log")
+    with serve_in_subprocess(path, *flags) as (url, _pid), openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0) as client:
+        for prompt, want in zip(prompts, expected):
+            kwargs = dict(model=path, prompt=prompt, max_tokens=10, temperature=0, extra_body={"return_token_ids": True})
+            choice = client.completions.create(**kwargs).choices[0]
+            assert choice.model_extra["token_ids"] == want
+            streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kwargs) if c.choices)
+            assert streamed == choice.text
 
 
 def test_model_impl_transformers_on_llama_matches_the_native_model(tmp_path):
