@@ -14,7 +14,17 @@ import pytest
 import torch
 from api_server import serve_in_subprocess
 from test_parity import MAX_NEW, _prompts, _reference
-from transformers import AutoModelForCausalLM, BertConfig, Gemma2Config, GenerationConfig, GPT2Config, Phi3Config, T5Config
+from transformers import (
+    AutoModelForCausalLM,
+    BertConfig,
+    BloomConfig,
+    Gemma2Config,
+    GenerationConfig,
+    GPT2Config,
+    GptOssConfig,
+    Phi3Config,
+    T5Config,
+)
 
 from server import LLM, SamplingParams
 from server.demo import make_tiny_model
@@ -158,6 +168,7 @@ def test_model_impl_native_without_a_native_model_is_one_clear_error(tokenizer_d
         (BertConfig(architectures=["BertForMaskedLM"]), "encoder-only"),
         (T5Config(architectures=["T5ForConditionalGeneration"]), "encoder-decoder"),
         (GPT2Config(architectures=["NoSuchModelForCausalLM"]), "NoSuchModelForCausalLM"),
+        (BloomConfig(architectures=["BloomForCausalLM"]), "pluggable attention"),  # ALiBi inside its own attention
     ],
 )
 def test_models_transformers_cannot_serve_either_are_one_clear_error(config, words):
@@ -165,6 +176,22 @@ def test_models_transformers_cannot_serve_either_are_one_clear_error(config, wor
         with pytest.raises(ConfigError, match="Unsupported architecture") as error:
             get_model_class(config, impl)
         assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def test_attention_the_kernels_lack_is_refused_at_start_up(tokenizer_dir, tmp_path):
+    """gpt-oss adds learned attention sinks (``s_aux``): the start-up probe step refuses it in one line
+    instead of serving wrong tokens."""
+    config = GptOssConfig(
+        **SMALL, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=2, num_experts_per_tok=1, max_position_embeddings=256,
+    )
+    config.architectures = ["GptOssForCausalLM"]
+    config.save_pretrained(tmp_path)
+    for path in tokenizer_dir.iterdir():
+        if path.name.startswith("tokenizer"):
+            shutil.copy(path, tmp_path)
+    with pytest.raises(ConfigError, match="GptOssAttention passes attention options the paged kernels do not implement: s_aux"):
+        LLM(str(tmp_path), dtype="float32", max_model_len=64, kv_cache_memory=0.01, load_format="dummy")
 
 
 def test_model_impl_vllm_is_an_alias_of_native_and_unknown_values_are_refused():

@@ -41,6 +41,7 @@ _IGNORED_KWARGS = frozenset(
         "cache_position",
         "output_attentions",
         "output_hidden_states",
+        "output_router_logits",
         "use_cache",
         "return_dict",
         "is_causal",
