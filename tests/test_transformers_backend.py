@@ -194,6 +194,18 @@ def test_attention_the_kernels_lack_is_refused_at_start_up(tokenizer_dir, tmp_pa
         LLM(str(tmp_path), dtype="float32", max_model_len=64, kv_cache_memory=0.01, load_format="dummy")
 
 
+def test_a_checkpoint_without_weights_is_one_clear_error(tokenizer_dir, tmp_path):
+    config = CONFIGS["gpt2"]()
+    config.architectures = ["GPT2LMHeadModel"]
+    config.save_pretrained(tmp_path)
+    for path in tokenizer_dir.iterdir():
+        if path.name.startswith("tokenizer"):
+            shutil.copy(path, tmp_path)
+    with pytest.raises(ConfigError, match="transformers could not load GPT2LMHeadModel from") as error:
+        LLM(str(tmp_path), dtype="float32", max_model_len=64, kv_cache_memory=0.01)
+    assert "\n" not in str(error.value)
+
+
 def test_model_impl_vllm_is_an_alias_of_native_and_unknown_values_are_refused():
     from server.config import EngineArgs
 

@@ -51,7 +51,7 @@ _IGNORED_KWARGS = frozenset(
         "max_length_k",
     }
 )
-# Logit post-processing some CausalLM heads do after lm_head: config attribute -> how to apply it.
+# Logit post-processing some CausalLM heads do after lm_head, by config attribute (see compute_logits).
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
@@ -160,7 +160,7 @@ def check_supported(hf_config: Any) -> str:
 
 class TransformersForCausalLM(nn.Module):
     """Same interface as the native models: ``model(input_ids [T], positions [T], kv_caches, meta) -> [T, hidden]``
-    and ``compute_logits(rows) -> [N, vocab]``; weights come with the model (see ``from_checkpoint``)."""
+    and ``compute_logits(rows) -> [N, vocab]``; weights come with the model (see ``load``)."""
 
     def __init__(self, hf_model: nn.Module, ops: Ops):
         super().__init__()
@@ -195,7 +195,11 @@ class TransformersForCausalLM(nn.Module):
         if load_format == "dummy":
             hf_model = model_class._from_config(hf_config, attn_implementation=ATTENTION_NAME, dtype=dtype)
         else:  # loads on the CPU (a device_map needs accelerate), then moves
-            hf_model = model_class.from_pretrained(path, config=hf_config, attn_implementation=ATTENTION_NAME, dtype=dtype)
+            try:
+                hf_model = model_class.from_pretrained(path, config=hf_config, attn_implementation=ATTENTION_NAME, dtype=dtype)
+            except (OSError, ValueError) as exc:
+                reason = " ".join(str(exc).split())  # one line
+                raise ConfigError(f"transformers could not load {name} from {path}: {reason}") from exc
         model = cls(hf_model.to(device).eval(), ops)
         if load_format == "dummy":
             loader.init_dummy_weights(model, seed)
