@@ -253,6 +253,7 @@ class ServerConfig:
     auth_admin_routes: bool = False  # also require the key on /health, /ready, /metrics
     trust_request_chat_template: bool = False  # accept `chat_template` in chat requests
     tool_call_parser: str | None = None  # how tool_choice "auto" reads tool calls out of the text
+    disable_frontend_multiprocessing: bool = False  # the engine core on a thread of the API process
 
     HELP: ClassVar[dict[str, str]] = {
         "host": "Address to listen on.",
@@ -268,6 +269,8 @@ class ServerConfig:
         "tool_call_parser": "Read tool calls out of the model's text when tool_choice is auto (or left out): hermes "
         "(<tool_call>{json}</tool_call>, Qwen2.5/Qwen3, Hermes) or llama3_json ({\"name\", \"parameters\"} objects). "
         "Without it such replies stay text.",
+        "disable_frontend_multiprocessing": "Run the engine core on a thread of the API server's process instead of in "
+        "its own process (vLLM's flag). The default, its own process, keeps tokenization and HTTP off the step loop.",
     }
 
     def validate(self) -> None:

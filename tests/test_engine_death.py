@@ -129,7 +129,7 @@ def test_the_server_exits_non_zero_when_the_engine_dies_injected_fault():
     base = f"http://127.0.0.1:{port}"
     command = [
         sys.executable, "-c", _FAILING_SERVE, "serve", str(ensure_demo_model()), "--port", str(port),
-        "--dtype", "float32", "--max-model-len", "512", "--kv-cache-memory", "0.25",
+        "--dtype", "float32", "--max-model-len", "512", "--kv-cache-memory", "0.25", "--disable-frontend-multiprocessing",
     ]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PAGEDSERVE_API_KEY": ""}
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)

@@ -6,7 +6,9 @@ with exit code 0. Once uvicorn serves, the first SIGTERM or SIGINT drains: the s
 `--shutdown-timeout` seconds to finish before they are ended with an error. Then uvicorn stops and
 the process exits 0. A second signal stops at once.
 
-If the engine loop dies, the requests in flight have already failed with a 500 and /health answers
+The engine core runs in its own process (server/engine/process.py) unless
+--disable-frontend-multiprocessing keeps it on a thread of this one. If the engine dies (its process
+killed, or its loop raised), the requests in flight have already failed with a 500 and /health answers
 503; the server then stops and the process exits 1, so that Kubernetes (or any supervisor) restarts
 it rather than keep a live API in front of a dead engine.
 """
@@ -14,6 +16,7 @@ it rather than keep a live API in front of a dead engine.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import os
@@ -28,6 +31,7 @@ from server.api.state import ServerState
 from server.config import EngineArgs, ServerConfig
 from server.engine.client import EngineClient
 from server.engine.core import EngineCore
+from server.engine.process import EngineProcessFailed, ProcessEngineClient
 
 logger = logging.getLogger(__name__)
 
@@ -126,10 +130,28 @@ def run_server(engine_args: EngineArgs, server_config: ServerConfig) -> int:
     warning = open_access_warning(server_config.host, server_config.api_key or os.environ.get("PAGEDSERVE_API_KEY"))
     if warning is not None:
         logger.warning(warning)
-    client = EngineClient(EngineCore(engine_args))
-    app = build_app(client, server_config)
-    server = DrainingServer(uvicorn_config(app, server_config), app.state.server)
-    server.run()
+    try:
+        client = start_engine(engine_args, server_config)
+    except EngineProcessFailed as exc:
+        logger.error("%s", exc)
+        return 1
+    try:
+        app = build_app(client, server_config)
+        server = DrainingServer(uvicorn_config(app, server_config), app.state.server)
+        server.run()
+    finally:
+        client.shutdown()  # a no-op after the app's lifespan stopped it; else (uvicorn failed) stops the engine
     if not server.started or server.engine_died:
         return 1
     return 0
+
+
+def start_engine(engine_args: EngineArgs, server_config: ServerConfig) -> EngineClient | ProcessEngineClient:
+    """The engine core in its own process (the default), or on a thread of this one with
+    --disable-frontend-multiprocessing. Returns once the model is loaded."""
+    if server_config.disable_frontend_multiprocessing:
+        return EngineClient(EngineCore(engine_args))
+    import torch
+
+    torch.set_num_threads(1)  # this process tokenizes and serves HTTP; the engine process computes
+    return ProcessEngineClient(engine_args, setup_logging=functools.partial(configure_logging, server_config.log_format))

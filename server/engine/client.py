@@ -1,9 +1,11 @@
-"""EngineClient: the API's only handle on the engine. The core loop runs on its own thread; requests go
-in through an inbox of typed messages and deltas come back on per-request asyncio queues."""
+"""EngineClient: the API's handle on an engine core that runs on a thread of this process (tests, the
+in-process mode of `pagedserve serve`); requests go in through an inbox of typed messages and deltas
+come back on per-request asyncio queues (RequestRouter). server/engine/process.py is the same client
+for a core in its own process."""
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -13,7 +15,8 @@ from collections.abc import AsyncIterator, Callable
 
 from server.engine.core import EngineCore
 from server.engine.messages import AbortRequest, EngineInfo, GenerateRequest, RequestOutput
-from server.errors import EngineDead, EngineFailed, PagedServeError
+from server.engine.router import RequestRouter
+from server.errors import EngineDead, PagedServeError
 from server.metrics import StepStats
 from server.request import SamplingParams
 
@@ -28,12 +31,10 @@ class EngineClient:
         self.core = core
         self._on_step = on_step
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._lock = threading.Lock()
+        self._router = RequestRouter()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._heartbeat = time.monotonic()
-        self.dead_reason: str | None = None
         self._info: EngineInfo | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -58,6 +59,11 @@ class EngineClient:
         if self._info is None:
             self._info = self.core.info()
         return self._info
+
+    @property
+    def dead_reason(self) -> str | None:
+        """Why the engine loop ended on an error, or None."""
+        return self._router.dead_reason
 
     @property
     def has_died(self) -> bool:
@@ -87,27 +93,10 @@ class EngineClient:
         """Stream the deltas of every choice of one request. Leaving early aborts the request."""
         if not self.is_alive:
             raise EngineDead(f"The engine is not running: {self.dead_reason or 'stopped'}.")
-        request_id = request_id or uuid.uuid4().hex
-        deltas: asyncio.Queue = asyncio.Queue()
-        with self._lock:  # the loop's death and this registration are ordered: one of them sees the other
-            if self.dead_reason is not None:
-                raise EngineDead(f"The engine is not running: {self.dead_reason}.")
-            self._queues[request_id] = (asyncio.get_running_loop(), deltas)
-        self._inbox.put(GenerateRequest(request_id, list(prompt_token_ids), params, time.monotonic()))
-        open_choices = set(range(params.n))
-        try:
-            while open_choices:
-                out: RequestOutput = await deltas.get()
-                if out.error is not None:
-                    raise out.error
-                if out.finished:
-                    open_choices.discard(out.index)
+        request = GenerateRequest(request_id or uuid.uuid4().hex, list(prompt_token_ids), params, time.monotonic())
+        async with contextlib.aclosing(self._router.stream(request, self._inbox.put)) as deltas:
+            async for out in deltas:
                 yield out
-        finally:
-            with self._lock:
-                self._queues.pop(request_id, None)
-            if open_choices:
-                self._inbox.put(AbortRequest(request_id))
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(AbortRequest(request_id))
@@ -127,12 +116,12 @@ class EngineClient:
                     continue
                 busy = True
                 outputs, stats = self.core.step()
-                self._deliver(outputs)
+                self._router.deliver(outputs, self.core.abort)
                 if self._on_step is not None:
                     self._on_step(stats)
         except Exception as exc:  # the loop must never die silently
             logger.exception("The engine loop died")
-            self._die(f"{type(exc).__name__}: {exc}")
+            self._router.die(f"{type(exc).__name__}: {exc}")
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -150,41 +139,12 @@ class EngineClient:
         if isinstance(message, AbortRequest):
             self.core.abort(message.request_id)
             return
-        with self._lock:
-            waiting = message.request_id in self._queues
-        if not waiting:  # the caller left before the engine saw the request
+        if not self._router.is_waiting(message.request_id):  # the caller left before the engine saw the request
             return
         try:
             self.core.add_request(message)
         except PagedServeError as exc:
-            self._deliver([_error_output(message.request_id, exc)])
+            self._router.fail(message.request_id, exc)
         except Exception as exc:
             logger.exception("Could not admit request %s", message.request_id)
-            self._deliver([_error_output(message.request_id, PagedServeError(f"Could not admit the request: {exc}"))])
-
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        with self._lock:
-            for out in outputs:
-                target = self._queues.get(out.request_id)
-                if target is None:
-                    if not out.finished:  # nobody listens any more: stop the work
-                        self.core.abort(out.request_id)
-                    continue
-                loop, deltas = target
-                loop.call_soon_threadsafe(deltas.put_nowait, out)
-
-    def _die(self, reason: str) -> None:
-        """Mark the engine dead and fail every request in flight at once (500); new ones get EngineDead (503)."""
-        with self._lock:
-            self.dead_reason = reason
-            targets = list(self._queues.items())
-        for request_id, (loop, deltas) in targets:
-            error = EngineFailed("The engine failed while running this request and the server is restarting; retry it.")
-            loop.call_soon_threadsafe(deltas.put_nowait, _error_output(request_id, error))
-
-
-def _error_output(request_id: str, error: PagedServeError) -> RequestOutput:
-    return RequestOutput(
-        request_id=request_id, index=0, token_ids=[], text="", logprobs=None, finish_reason=None,
-        stop_reason=None, num_prompt_tokens=0, num_cached_tokens=0, num_output_tokens=0, error=error,
-    )
+            self._router.fail(message.request_id, PagedServeError(f"Could not admit the request: {exc}"))

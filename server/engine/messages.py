@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.errors import PagedServeError
+from server.metrics import StepStats
 from server.request import SamplingParams, TokenLogprob
 
 
@@ -67,3 +68,36 @@ class EngineInfo:
     num_blocks: int
     prefix_caching: bool
     startup_phases: dict[str, float] = field(default_factory=dict)  # seconds per start-up phase that ran
+
+
+# ---- between the API process and the engine core's own process (server/engine/process.py) ----------
+
+
+@dataclass(frozen=True)
+class ShutdownEngine:
+    """Parent -> engine process: stop after this step and exit."""
+
+
+@dataclass(frozen=True)
+class EngineStep:
+    """Engine process -> parent, once per step: every delta of the step, and its stats (when it went idle:
+    a snapshot with no outputs, so that the gauges drop to 0)."""
+
+    outputs: list[RequestOutput]
+    stats: StepStats
+
+
+@dataclass(frozen=True)
+class EngineStartFailed:
+    """Engine process -> parent, instead of EngineInfo: the engine could not start. `user_error`: a bad flag,
+    model or checkpoint (a one-line error, exit code 2), else a failure whose traceback the engine logged."""
+
+    message: str
+    user_error: bool
+
+
+@dataclass(frozen=True)
+class EngineError:
+    """Engine process -> parent: the loop died on this error; the process exits right after."""
+
+    reason: str
