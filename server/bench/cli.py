@@ -52,6 +52,8 @@ def add_client_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt-format", choices=("ids", "text"), default="ids",
                    help="completions: send token ids (exact counts) or text.")
     g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--extra-body", type=_json_object, default={}, metavar="JSON",
+                   help='A JSON object merged into every request, e.g. \'{"response_format": {"type": "json_object"}}\'.')
     g.add_argument("--num-warmups", type=int, default=1, help="Short requests sent before each run (not counted).")
     g.add_argument("--api-key", default=None)
     g.add_argument("--tokenizer", default=None, help="Tokenizer directory (default: the model's, from --model or /v1/models root).")
@@ -148,6 +150,16 @@ def workload_from(ns: argparse.Namespace) -> WorkloadSpec:
     )
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
 def run_config_from(ns: argparse.Namespace, base_url: str, pid: int | None = None):
     from server.bench.serve import RunConfig
     from server.bench.stats import parse_goodput
@@ -156,7 +168,7 @@ def run_config_from(ns: argparse.Namespace, base_url: str, pid: int | None = Non
         base_url=base_url, model=getattr(ns, "served_model", None), endpoint=ns.endpoint,
         burstiness=ns.burstiness, prompt_format=ns.prompt_format, temperature=ns.temperature,
         goodput=parse_goodput(ns.goodput), pid=pid, api_key=ns.api_key, num_warmups=ns.num_warmups,
-        seed=ns.seed, disable_tqdm=ns.disable_tqdm,
+        seed=ns.seed, disable_tqdm=ns.disable_tqdm, extra_body=getattr(ns, "extra_body", {}),
     )
 
 

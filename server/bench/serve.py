@@ -50,6 +50,7 @@ class RunConfig:
     seed: int = 0
     disable_tqdm: bool = False
     timeout_s: float = 3600.0
+    extra_body: dict[str, Any] = field(default_factory=dict)  # merged into every request (response_format...)
 
 
 def parse_rate(value: str) -> float:
@@ -85,7 +86,7 @@ async def run_once(config: RunConfig, requests: list[BenchRequest], model: str,
     async with httpx.AsyncClient(limits=limits, timeout=timeout, headers=headers) as client:
         for w in warmup or []:
             payload = build_payload(w, config.endpoint, model, prompt_format=config.prompt_format,
-                                    temperature=config.temperature, ignore_eos=config.ignore_eos)
+                                    temperature=config.temperature, ignore_eos=config.ignore_eos, extra=config.extra_body)
             result = await send_request(client, config.base_url, config.endpoint, payload, w, time.perf_counter())
             if not result.success:
                 raise BenchError(f"warm-up request failed: {result.error}")
@@ -99,7 +100,7 @@ async def run_once(config: RunConfig, requests: list[BenchRequest], model: str,
 
         async def one(req: BenchRequest) -> RequestResult:
             payload = build_payload(req, config.endpoint, model, prompt_format=config.prompt_format,
-                                    temperature=config.temperature, ignore_eos=config.ignore_eos)
+                                    temperature=config.temperature, ignore_eos=config.ignore_eos, extra=config.extra_body)
             if semaphore is None:
                 result = await send_request(client, config.base_url, config.endpoint, payload, req, t0)
             else:
