@@ -3,6 +3,7 @@ request fields (server/api/unsupported.py refuses the ones not served)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -117,7 +118,7 @@ def _plan(body: ChatCompletionRequest, state: ServerState, rid: str) -> _Plan:
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     state = get_state(request)
     rid = response_id(body.request_id, request.headers, request_id(request))
-    plan = _plan(body, state, rid)
+    plan = await asyncio.to_thread(_plan, body, state, rid)  # the template and tokenizing: off the event loop
     if body.stream:
         generation = await unless_disconnected(request, open_generation(state, rid, [plan.prompt_ids], plan.params))
         return SSEResponse(sse_stream(_stream(plan, state, generation), state.metrics.count_failure), on_close=generation.aclose)

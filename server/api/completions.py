@@ -3,6 +3,7 @@ and vLLM's request fields (server/api/unsupported.py refuses the ones not served
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -102,7 +103,7 @@ def _plan(body: CompletionRequest, state: ServerState, rid: str) -> _Plan:
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     state = get_state(request)
     rid = response_id(body.request_id, request.headers, request_id(request))
-    plan = _plan(body, state, rid)
+    plan = await asyncio.to_thread(_plan, body, state, rid)  # tokenizing: off the event loop
     prompt_ids = [p.token_ids for p in plan.prompts]
     if body.stream:
         generation = await unless_disconnected(request, open_generation(state, rid, prompt_ids, plan.params))

@@ -20,6 +20,7 @@ the generated tokens as OpenAI's does (TGI's is normalized over prompt and outpu
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator, Callable
@@ -162,7 +163,7 @@ def _commit_sha(path: str) -> str | None:
 async def _generate(body: GenerateRequest, request: Request, *, stream: bool, as_list: bool) -> Response:
     state = get_state(request)
     rid = request_id(request)
-    plan = plan_request(body, state, stream)
+    plan = await asyncio.to_thread(plan_request, body, state, stream)  # tokenizing: off the event loop
     if stream:
         generation = await unless_disconnected(request, open_generation(state, rid, [plan.prompt_ids], plan.params))
         events = tgi_sse(stream_events(plan, state, generation), state.metrics.count_failure)
