@@ -125,6 +125,21 @@ def test_greedy_parity_with_transformers_under_concurrency_and_prefix_caching(se
 
 
 @needs_trained
+def test_the_transformers_backend_serves_the_gguf_too(reference):
+    """--model-impl transformers reads the GGUF through transformers' own loader and gives the same tokens."""
+    from server import LLM, SamplingParams
+
+    _, tokenizer = reference
+    llm = LLM(str(TRAINED), dtype="float32", max_model_len=256, kv_cache_memory=0.05, model_impl="transformers")
+    prompts = [tokenizer(p)["input_ids"] for p in COMPLETIONS[:2]]
+    results = llm.generate(
+        prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False
+    )
+    for ids, result in zip(prompts, results):
+        assert result.outputs[0].token_ids == _greedy(reference, ids)
+
+
+@needs_trained
 def test_capital_of_france_is_paris_with_the_openai_client(served):
     from openai import OpenAI
 

@@ -187,7 +187,7 @@ class TransformersForCausalLM(nn.Module):
         step, so an architecture that cannot run on the paged cache fails here with a ConfigError."""
         import transformers
 
-        from server.runner import loader
+        from server.runner import gguf_loader, loader
 
         name = check_supported(hf_config)
         register_attention()
@@ -195,8 +195,11 @@ class TransformersForCausalLM(nn.Module):
         if load_format == "dummy":
             hf_model = model_class._from_config(hf_config, attn_implementation=ATTENTION_NAME, dtype=dtype)
         else:  # loads on the CPU (a device_map needs accelerate), then moves
+            name_or_path, gguf_kwargs = gguf_loader.from_pretrained_args(path)  # a .gguf: its directory + gguf_file
             try:
-                hf_model = model_class.from_pretrained(path, config=hf_config, attn_implementation=ATTENTION_NAME, dtype=dtype)
+                hf_model = model_class.from_pretrained(
+                    name_or_path, config=hf_config, attn_implementation=ATTENTION_NAME, dtype=dtype, **gguf_kwargs
+                )
             except (OSError, ValueError) as exc:
                 reason = " ".join(str(exc).split())  # one line
                 raise ConfigError(f"transformers could not load {name} from {path}: {reason}") from exc
