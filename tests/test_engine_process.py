@@ -246,3 +246,12 @@ def test_a_start_up_error_in_the_engine_process_is_one_line_and_exit_code_2(tmp_
     )
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [f"pagedserve: error: Model directory {tmp_path} has no config.json (nor a .gguf file)"]
+
+
+def test_the_engine_process_exits_when_the_server_is_killed():
+    """SIGKILL to the server (no handler, no cleanup) while its engine process waits for work: the engine
+    process sees its pipe close and exits, rather than linger as an orphan."""
+    with _serve() as running:
+        engine = _engine_pid(running.proc.pid)
+        running.proc.kill()
+    _wait_for(lambda: not _alive(engine), 10, "the orphaned engine process to exit")
