@@ -1,7 +1,8 @@
 """The FastAPI app: routers, auth, errors in OpenAI's envelope, request ids, access log, body limit.
 
-`build_app(client, server_config)` wires an EngineClient that is not started yet; the app's
-lifespan starts the engine loop and stops it on shutdown.
+`build_app(client, server_config)` wires an engine client that is not started yet (EngineClient: the
+core on a thread; ProcessEngineClient: the core in its own process); the app's lifespan starts it and
+stops it on shutdown.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from server.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from server.api.state import ServerState
 from server.config import ServerConfig
 from server.engine.client import EngineClient
+from server.engine.process import ProcessEngineClient
 
 logger = logging.getLogger(__name__)
 
 
-def build_app(client: EngineClient, server_config: ServerConfig) -> FastAPI:
+def build_app(client: EngineClient | ProcessEngineClient, server_config: ServerConfig) -> FastAPI:
     state = ServerState.build(client, server_config)
     client.set_step_listener(state.metrics.observe_step)
     info = client.info
