@@ -60,15 +60,23 @@ def arch_case(request, tmp_path_factory):
     return request.param, llm, prompts, _reference(path, prompts)
 
 
-def test_greedy_parity_all_at_once(arch_case):
-    name, llm, prompts, expected = arch_case
-    preemptions_before = llm.engine.scheduler.num_preemptions_total
-    results = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW), use_tqdm=False)
+def assert_greedy_parity(name: str, llm: LLM, prompts: list[list[int]], expected: list[list[int]]) -> None:
+    """All prompts at once: every greedy output equals `expected`, a preemption and a prefix-cache hit
+    happened on the way, and every KV block is free at the end."""
+    engine = llm.engine
+    preemptions_before, hits_before = engine.scheduler.num_preemptions_total, engine.block_pool.prefix_hits
+    max_new = max(len(want) for want in expected)
+    results = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_new), use_tqdm=False)
     for i, (result, want) in enumerate(zip(results, expected)):
         assert result.outputs[0].token_ids == want, f"{name}: prompt {i} (len {len(prompts[i])}) differs"
-    assert llm.engine.scheduler.num_preemptions_total > preemptions_before, "the KV cache was meant to force preemption"
-    assert llm.engine.block_pool.prefix_hits > 0, "shared prefixes were meant to hit the prefix cache"
-    assert llm.engine.block_pool.usage == 0.0
+    assert engine.scheduler.num_preemptions_total > preemptions_before, "the KV cache was meant to force preemption"
+    assert engine.block_pool.prefix_hits > hits_before, "shared prefixes were meant to hit the prefix cache"
+    assert engine.block_pool.usage == 0.0
+
+
+def test_greedy_parity_all_at_once(arch_case):
+    name, llm, prompts, expected = arch_case
+    assert_greedy_parity(name, llm, prompts, expected)
 
 
 def test_greedy_parity_staggered_arrivals(arch_case):

@@ -9,9 +9,9 @@ slow, hence the few prompts and tokens.
 from __future__ import annotations
 
 import pytest
-from test_parity import _prompts, _reference
+from test_parity import _prompts, _reference, assert_greedy_parity
 
-from server import LLM, SamplingParams
+from server import LLM
 from server.demo import make_tiny_model
 
 MAX_NEW = 8
@@ -44,9 +44,4 @@ def test_greedy_parity_with_every_attention_backend(arch, backend):
     everything = _prompts(llm.engine.hf_config.vocab_size)
     prompts = [everything[i] for i in PICK]
     expected = _reference(path, prompts, MAX_NEW)
-    results = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW), use_tqdm=False)
-    for i, (result, want) in enumerate(zip(results, expected)):
-        assert result.outputs[0].token_ids == want, f"{name}/{backend}: prompt {i} (len {len(prompts[i])}) differs"
-    assert llm.engine.scheduler.num_preemptions_total > 0, "the KV cache was meant to force preemption"
-    assert llm.engine.block_pool.prefix_hits > 0, "shared prefixes were meant to hit the prefix cache"
-    assert llm.engine.block_pool.usage == 0.0
+    assert_greedy_parity(f"{name}/{backend}", llm, prompts, expected)

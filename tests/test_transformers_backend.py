@@ -13,7 +13,7 @@ import openai
 import pytest
 import torch
 from api_server import serve_in_subprocess
-from test_parity import MAX_NEW, _prompts, _reference
+from test_parity import _prompts, _reference, assert_greedy_parity
 from transformers import (
     AutoModelForCausalLM,
     BertConfig,
@@ -111,13 +111,7 @@ def test_architectures_without_a_native_model_run_through_transformers(arch_case
 
 def test_greedy_parity_with_transformers_generate(arch_case):
     name, llm, prompts, expected = arch_case
-    preemptions_before = llm.engine.scheduler.num_preemptions_total
-    results = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW), use_tqdm=False)
-    for i, (result, want) in enumerate(zip(results, expected)):
-        assert result.outputs[0].token_ids == want, f"{name}: prompt {i} (len {len(prompts[i])}) differs"
-    assert llm.engine.scheduler.num_preemptions_total > preemptions_before, "the KV cache was meant to force preemption"
-    assert llm.engine.block_pool.prefix_hits > 0, "shared prefixes were meant to hit the prefix cache"
-    assert llm.engine.block_pool.usage == 0.0
+    assert_greedy_parity(name, llm, prompts, expected)
 
 
 def test_served_over_http_stream_and_not_match_transformers(tokenizer_dir, tmp_path):
