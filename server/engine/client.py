@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from server.engine.core import EngineCore
 from server.engine.messages import AbortRequest, EngineInfo, GenerateRequest, RequestOutput
 from server.engine.router import RequestRouter
-from server.errors import EngineDead, PagedServeError
+from server.errors import EngineDead
 from server.metrics import StepStats
 from server.request import SamplingParams
 
@@ -141,10 +141,4 @@ class EngineClient:
             return
         if not self._router.is_waiting(message.request_id):  # the caller left before the engine saw the request
             return
-        try:
-            self.core.add_request(message)
-        except PagedServeError as exc:
-            self._router.fail(message.request_id, exc)
-        except Exception as exc:
-            logger.exception("Could not admit request %s", message.request_id)
-            self._router.fail(message.request_id, PagedServeError(f"Could not admit the request: {exc}"))
+        self._router.deliver(self.core.submit(message), lambda _: None)

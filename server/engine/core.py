@@ -103,6 +103,17 @@ class EngineCore:
             return
         self._admit(req, None)
 
+    def submit(self, req: GenerateRequest) -> list[RequestOutput]:
+        """`add_request` for the engine loops: a refusal comes back as the output that ends the request."""
+        try:
+            self.add_request(req)
+        except PagedServeError as exc:
+            return [RequestOutput.failure(req.request_id, exc)]
+        except Exception as exc:
+            logger.exception("Could not admit request %s", req.request_id)
+            return [RequestOutput.failure(req.request_id, PagedServeError(f"Could not admit the request: {exc}"))]
+        return []
+
     @property
     def grammar_compiler(self) -> GrammarCompiler:
         if self._grammar_compiler is None:
@@ -124,7 +135,7 @@ class EngineCore:
             try:
                 self._admit(req, future.result())
             except PagedServeError as exc:
-                errors.append(_error_output(request_id, exc))
+                errors.append(RequestOutput.failure(request_id, exc))
         return errors
 
     def _admit(self, req: GenerateRequest, compiled_grammar) -> None:
@@ -319,13 +330,6 @@ class EngineCore:
         siblings = self._children.get(choice.parent_id)
         if siblings is not None and all(c not in self._choices for c in siblings):
             del self._children[choice.parent_id]
-
-
-def _error_output(request_id: str, error: PagedServeError) -> RequestOutput:
-    return RequestOutput(
-        request_id=request_id, index=0, token_ids=[], text="", logprobs=None, finish_reason=None,
-        stop_reason=None, num_prompt_tokens=0, num_cached_tokens=0, num_output_tokens=0, error=error,
-    )
 
 
 def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:

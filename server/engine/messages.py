@@ -44,6 +44,14 @@ class RequestOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None or self.error is not None
 
+    @classmethod
+    def failure(cls, request_id: str, error: PagedServeError) -> RequestOutput:
+        """The one delta that ends a request with `error` (refused at admission, or the engine failed)."""
+        return cls(
+            request_id=request_id, index=0, token_ids=[], text="", logprobs=None, finish_reason=None,
+            stop_reason=None, num_prompt_tokens=0, num_cached_tokens=0, num_output_tokens=0, error=error,
+        )
+
 
 @dataclass(frozen=True)
 class EngineInfo:

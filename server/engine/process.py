@@ -38,7 +38,7 @@ from server.engine.messages import (
     RequestOutput,
     ShutdownEngine,
 )
-from server.engine.router import RequestRouter, error_output
+from server.engine.router import RequestRouter
 from server.errors import ConfigError, EngineDead, PagedServeError
 from server.metrics import StepStats
 from server.request import SamplingParams
@@ -306,7 +306,7 @@ def _serve(core, conn: Connection, inbox: queue.SimpleQueue) -> None:
             if isinstance(message, AbortRequest):
                 core.abort(message.request_id)
             else:
-                refused.extend(_admit(core, message))
+                refused.extend(core.submit(message))
         if not core.has_unfinished():
             if busy or messages:  # went idle: let the gauges see it
                 conn.send(EngineStep(refused, core.snapshot_stats()))
@@ -316,13 +316,3 @@ def _serve(core, conn: Connection, inbox: queue.SimpleQueue) -> None:
         outputs, stats = core.step()
         conn.send(EngineStep(refused + outputs, stats))
 
-
-def _admit(core, request: GenerateRequest) -> list[RequestOutput]:
-    try:
-        core.add_request(request)
-    except PagedServeError as exc:
-        return [error_output(request.request_id, exc)]
-    except Exception as exc:
-        logger.exception("Could not admit request %s", request.request_id)
-        return [error_output(request.request_id, PagedServeError(f"Could not admit the request: {exc}"))]
-    return []

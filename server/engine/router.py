@@ -13,7 +13,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 
 from server.engine.messages import AbortRequest, GenerateRequest, RequestOutput
-from server.errors import EngineDead, EngineFailed, PagedServeError
+from server.errors import EngineDead, EngineFailed
 
 
 class RequestRouter:
@@ -75,10 +75,6 @@ class RequestRouter:
         for request_id in dict.fromkeys(orphans):
             abort(request_id)
 
-    def fail(self, request_id: str, error: PagedServeError) -> None:
-        """End one request with `error` (a request the engine refused to admit)."""
-        self.deliver([error_output(request_id, error)], lambda _: None)
-
     def die(self, reason: str) -> None:
         """Mark the engine dead and fail every request in flight at once (500); new ones get EngineDead (503)."""
         with self._lock:
@@ -88,11 +84,5 @@ class RequestRouter:
             targets = list(self._queues.items())
         for request_id, (loop, deltas) in targets:
             error = EngineFailed("The engine failed while running this request and the server is restarting; retry it.")
-            loop.call_soon_threadsafe(deltas.put_nowait, error_output(request_id, error))
+            loop.call_soon_threadsafe(deltas.put_nowait, RequestOutput.failure(request_id, error))
 
-
-def error_output(request_id: str, error: PagedServeError) -> RequestOutput:
-    return RequestOutput(
-        request_id=request_id, index=0, token_ids=[], text="", logprobs=None, finish_reason=None,
-        stop_reason=None, num_prompt_tokens=0, num_cached_tokens=0, num_output_tokens=0, error=error,
-    )
