@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from kernels import batched, cpu_linear, reference
+from kernels.triton.dot_mode import interpreting  # no triton import: safe on CPU
 
 BACKENDS = ("auto", "reference", "batched", "triton")
 
@@ -43,7 +43,7 @@ def get_ops(device: torch.device, backend: str = "auto", dtype: torch.dtype = to
     if backend == "batched":
         paged_attention = batched.paged_attention
     elif backend == "triton":
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        if device.type != "cuda" and not interpreting():
             raise ValueError("the Triton kernels need a CUDA device (on CPU they run only under TRITON_INTERPRET=1, in tests).")
         from kernels.triton import kv_store, paged_attention as triton_attention  # imports triton: only here
 

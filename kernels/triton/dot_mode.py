@@ -1,10 +1,15 @@
-"""How the attention kernels run their `tl.dot`s for a dtype."""
+"""How the attention kernels run their `tl.dot`s for a dtype, and whether Triton interprets them on the CPU."""
 
 from __future__ import annotations
 
 import os
 
 import torch
+
+
+def interpreting() -> bool:
+    """Whether Triton runs its CPU interpreter (TRITON_INTERPRET=1) instead of compiling for a GPU."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def dot_mode(dtype: torch.dtype) -> tuple[str, bool]:
@@ -17,5 +22,4 @@ def dot_mode(dtype: torch.dtype) -> tuple[str, bool]:
     """
     if dtype == torch.float32:
         return "ieee", False
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    return "tf32", interpreting and dtype == torch.bfloat16
+    return "tf32", interpreting() and dtype == torch.bfloat16
