@@ -468,6 +468,15 @@ def test_an_ingress_without_an_api_key_is_refused():
     assert "without an API key" in err and "apiKey.existingSecret" in err and "allowUnauthenticated=true" in err
 
 
+@pytest.mark.parametrize("service_type", ["LoadBalancer", "NodePort"])
+def test_an_exposed_service_without_an_api_key_is_refused(service_type):
+    err = render(f"service.type={service_type}", check=False)
+    assert f"service.type={service_type} without an API key" in err and "allowUnauthenticated=true" in err
+    assert render(f"service.type={service_type}", "apiKey.existingSecret=llm-api-key")
+    assert render(f"service.type={service_type}", "allowUnauthenticated=true")
+    assert render("service.type=ClusterIP")  # in-cluster only: no key needed
+
+
 @pytest.mark.parametrize(
     "sets", [["apiKey.existingSecret=llm-api-key"], ["apiKey.value=s3cret"], ["allowUnauthenticated=true"]]
 )
