@@ -17,6 +17,15 @@ def _int_list(value: str) -> list[int]:
     return [int(v) for v in value.split(",") if v.strip()]
 
 
+def _threads(value: str) -> int | str:
+    if value == "auto":
+        return value
+    threads = int(value)
+    if threads < 1:
+        raise argparse.ArgumentTypeError("--threads: a positive count or auto")
+    return threads
+
+
 def _rate_list(value: str) -> list[float]:
     from server.bench.serve import parse_rate
 
@@ -91,13 +100,18 @@ def register(commands) -> None:
 
     compare = sub.add_parser("compare", help="Start our server and vLLM's CPU build in turn; same client, same workload; ratios.")
     compare.add_argument("--model", required=True, help="Model directory served by both.")
-    compare.add_argument("--dtype", default="float32")
+    compare.add_argument("--dtype", default="auto",
+                         help="Our --dtype (default auto: what `pagedserve serve` picks on this machine).")
+    compare.add_argument("--peer-dtype", default="float32",
+                         help="vLLM's --dtype (default float32: its fastest on CPUs without AMX; its own auto casts a "
+                              "float32 checkpoint to bfloat16).")
     compare.add_argument("--max-model-len", type=int, default=2048)
     compare.add_argument("--max-num-seqs", type=int, default=64)
     compare.add_argument("--max-num-batched-tokens", type=int, default=2048)
     compare.add_argument("--kv-cache-gib", type=float, default=2.0)
-    compare.add_argument("--threads", type=int, default=1,
-                         help="Compute threads of each server (ours: OMP_NUM_THREADS; vLLM: its OpenMP binding).")
+    compare.add_argument("--threads", type=_threads, default="auto",
+                         help="Compute threads of each server (ours: OMP_NUM_THREADS; vLLM: its OpenMP binding). "
+                              "auto (default): each server's own choice, as a user runs it.")
     compare.add_argument("--port", type=int, default=8001, help="Our server's port.")
     compare.add_argument("--peer-port", type=int, default=8100)
     compare.add_argument("--peer-script", default=None, help="run_vllm_peer.sh (default: shared/peers/ beside or above the repo).")

@@ -68,7 +68,9 @@ class OurServer:
                 "--max-num-batched-tokens", str(ns.max_num_batched_tokens), "--disable-access-log"]
 
     def start(self) -> int:
-        env = dict(os.environ, OMP_NUM_THREADS=str(self.ns.threads), OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+        env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+        if self.ns.threads != "auto":
+            env["OMP_NUM_THREADS"] = str(self.ns.threads)
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env=env, start_new_session=True)
@@ -98,12 +100,12 @@ class VllmServer:
         if self.ns.peer_threads_bind:
             return self.ns.peer_threads_bind
         # auto on a 2-core box: one OpenMP compute thread, the other core kept for vLLM's API process
-        return "auto" if self.ns.threads == 1 else f"0-{self.ns.threads - 1}"
+        return "auto" if self.ns.threads in ("auto", 1) else f"0-{self.ns.threads - 1}"
 
     def command(self) -> list[str]:
         ns = self.ns
         return ["bash", str(self.script), "start", "--model", ns.model, "--port", str(ns.peer_port),
-                "--dtype", ns.dtype, "--kv-gib", f"{ns.kv_cache_gib:g}", "--max-model-len", str(ns.max_model_len),
+                "--dtype", ns.peer_dtype, "--kv-gib", f"{ns.kv_cache_gib:g}", "--max-model-len", str(ns.max_model_len),
                 "--threads-bind", self.threads_bind(), "--log", str(self.log), "--timeout", str(int(ns.startup_timeout)),
                 "--", "--max-num-seqs", str(ns.max_num_seqs), "--max-num-batched-tokens", str(ns.max_num_batched_tokens)]
 
@@ -183,7 +185,7 @@ def run_compare(ns: argparse.Namespace) -> int:
     report = {
         "name": name,
         "model": ns.model,
-        "settings": {k: getattr(ns, k) for k in ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+        "settings": {k: getattr(ns, k) for k in ("dtype", "peer_dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                                                    "kv_cache_gib", "threads", "endpoint", "rounds")},
         "workload": spec.describe(),
         "sweep": [{"request_rate": "inf" if math.isinf(r) else r, "max_concurrency": c} for r, c in points],
@@ -301,8 +303,8 @@ def format_markdown(report: dict[str, Any]) -> str:
     servers = list(report["results"])
     s = report["settings"]
     lines = [
-        (f"**{report['name']}** — {report['workload']}, endpoint {s['endpoint']}, {s['dtype']}, "
-         f"{s['threads']} compute thread(s), max-model-len {s['max_model_len']}, KV {s['kv_cache_gib']:g} GiB, "
+        (f"**{report['name']}** — {report['workload']}, endpoint {s['endpoint']}, dtype {s['dtype']} "
+         f"(vLLM {s.get('peer_dtype', s['dtype'])}), compute threads {s['threads']}, max-model-len {s['max_model_len']}, KV {s['kv_cache_gib']:g} GiB, "
          f"max-num-seqs {s['max_num_seqs']}, {s['rounds']} round(s) (median shown), {report['date']}, "
          f"pagedserve at {report.get('pagedserve_revision') or 'unknown revision'}"),
         "",
