@@ -67,8 +67,26 @@ def _decode_attention(
     mask = positions.unsqueeze(0) <= last
     if sliding_window is not None:
         mask &= positions.unsqueeze(0) > last - sliding_window
-    query = q.index_select(0, plan.rows).unsqueeze(2)  # [B, Hq, 1, D]
-    return attention(query, k, v, mask[:, None, None, :], scale, softcap).squeeze(2)
+    query = q.index_select(0, plan.rows)  # [B, Hq, D]
+    if query.dtype == torch.float32:
+        return attention(query.unsqueeze(2), k, v, mask[:, None, None, :], scale, softcap).squeeze(2)
+    return _grouped_decode_attention(query, k, v, mask, scale, softcap)
+
+
+def _grouped_decode_attention(query, k, v, mask, scale: float, softcap: float | None) -> torch.Tensor:
+    """One query token per sequence, as two batched matmuls with the query heads of each KV head
+    grouped into rows (no K/V repeat) and the softmax in float32. In bfloat16 this is 4-7x faster
+    than torch's CPU SDPA (its flash kernel) at decode shapes; in float32 SDPA is faster, so it stays.
+    query [B, Hq, D]; k, v [B, Hkv, T, D]; mask [B, T] (True = visible) -> [B, Hq, D]."""
+    batch, num_heads, head_dim = query.shape
+    num_kv_heads = k.shape[1]
+    grouped = query.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.matmul(grouped, k.transpose(-1, -2)).float() * scale  # [B, Hkv, G, T]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).view(batch, num_heads, head_dim)
 
 
 def paged_attention(

@@ -12,6 +12,26 @@ import torch
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX tiles). Without it oneDNN
+    emulates bfloat16 with float32 instructions plus conversions, slower than float32 itself."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(check is None for check in checks):  # a torch without these helpers: ask the kernel
+        return _cpuinfo_has_flags({"avx512_bf16", "amx_bf16"})
+    return any(check is not None and check() for check in checks)
+
+
+def _cpuinfo_has_flags(wanted: set[str], cpuinfo: str = "/proc/cpuinfo") -> bool:
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool(wanted & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return False
+
+
 def available(device: torch.device, dtype: torch.dtype) -> bool:
     return (
         device.type == "cpu"

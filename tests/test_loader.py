@@ -208,7 +208,7 @@ def test_load_casts_to_dtype(tiny_dir):
 def test_resolve_dtype(tiny_dir):
     cfg = load_hf_config(tiny_dir)
     cfg.dtype = torch.bfloat16
-    assert resolve_dtype("auto", cfg, torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", cfg, torch.device("cpu"), native_bf16=lambda: False) == torch.float32  # test_cpu_dtype.py: the rest
     assert resolve_dtype("auto", cfg, torch.device("cuda")) == torch.bfloat16
     cfg.dtype = "float16"
     assert resolve_dtype("auto", cfg, "cuda") == torch.float16
