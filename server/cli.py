@@ -32,7 +32,8 @@ _ENGINE_HELP = {
     "chat_template": "A Jinja chat template file that overrides the tokenizer's.",
     "served_model_name": "Model name(s) the API answers to (default: MODEL).",
     "dtype": "Weights and activations dtype: auto, bfloat16 (bf16), float16 (half, fp16) or float32 (float, fp32); "
-    "auto: float32 on CPU, the checkpoint's dtype on GPU.",
+    "auto: the checkpoint's dtype on GPU (bfloat16 if it names none); on CPU bfloat16 where the CPU multiplies it "
+    "natively (AVX512-BF16 or AMX) and the checkpoint is not float32, else float32 (the choice is logged).",
     "max_model_len": "Prompt plus output tokens at most (default: the model's max_position_embeddings).",
     "seed": "Seed of the sampler for requests without their own seed.",
     "device": "auto, cpu or cuda.",
