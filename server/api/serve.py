@@ -32,6 +32,7 @@ from server.config import EngineArgs, ServerConfig
 from server.engine.client import EngineClient
 from server.engine.core import EngineCore
 from server.engine.process import EngineProcessFailed, ProcessEngineClient
+from server.engine.threads import plan_threads
 
 logger = logging.getLogger(__name__)
 
@@ -149,9 +150,15 @@ def run_server(engine_args: EngineArgs, server_config: ServerConfig) -> int:
 def start_engine(engine_args: EngineArgs, server_config: ServerConfig) -> EngineClient | ProcessEngineClient:
     """The engine core in its own process (the default), or on a thread of this one with
     --disable-frontend-multiprocessing. Returns once the model is loaded."""
-    if server_config.disable_frontend_multiprocessing:
-        return EngineClient(EngineCore(engine_args))
     import torch
 
+    plan = plan_threads()  # before the engine process starts: it plans from the same affinity mask
+    if server_config.disable_frontend_multiprocessing:
+        torch.set_num_threads(plan.one_process_threads)
+        logger.info("Compute threads: %d (the engine on a thread of the API process)", plan.one_process_threads)
+        return EngineClient(EngineCore(engine_args))
     torch.set_num_threads(1)  # this process tokenizes and serves HTTP; the engine process computes
-    return ProcessEngineClient(engine_args, setup_logging=functools.partial(configure_logging, server_config.log_format))
+    client = ProcessEngineClient(engine_args, setup_logging=functools.partial(configure_logging, server_config.log_format))
+    if set(plan.api_cores) != os.sched_getaffinity(0):
+        os.sched_setaffinity(0, plan.api_cores)  # after the start: the engine process inherited the whole mask
+    return client

@@ -39,6 +39,7 @@ from server.engine.messages import (
     ShutdownEngine,
 )
 from server.engine.router import RequestRouter
+from server.engine.threads import plan_threads
 from server.errors import ConfigError, EngineDead, PagedServeError
 from server.metrics import StepStats
 from server.request import SamplingParams
@@ -284,12 +285,15 @@ def _read_parent(conn: Connection, inbox: queue.SimpleQueue) -> None:
 
 
 def _use_the_cores() -> None:
-    """Torch's threads: one per core this process may run on, unless OMP_NUM_THREADS says otherwise."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        return
+    """Torch's threads and this process's cores as `server.engine.threads` plans them (the API process
+    applies the other half of the same plan, computed from the same affinity mask); logged once."""
     import torch
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    plan = plan_threads()
+    if set(plan.engine_cores) != os.sched_getaffinity(0):
+        os.sched_setaffinity(0, plan.engine_cores)
+    torch.set_num_threads(plan.engine_threads)
+    logger.info("%s", plan.describe())
 
 
 def _serve(core, conn: Connection, inbox: queue.SimpleQueue) -> None:

@@ -1,0 +1,116 @@
+"""How many compute threads the engine runs, and on which cores: the cores this process may use.
+
+The cores a process may use are its affinity mask, cut to the cgroup's CPU quota (a container limited to
+4 CPUs on a 64-core host gets 4 threads, not 64: more threads than the quota only get throttled). cgroup
+v2 `cpu.max` ("QUOTA PERIOD", or "max") and v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us` (-1: none) are
+read at the cgroup mount; inside a container that is the container's own cgroup. `OMP_NUM_THREADS`,
+when set, still decides the count. With at least `SPLIT_FROM` cores the API process (HTTP, tokenization)
+keeps one and the engine computes on the rest: where the affinity mask is the limit (taskset, a cpuset,
+Kubernetes' static CPU manager) each process is pinned to its own cores (a process-wide affinity mask;
+torch's OpenMP threads are not bound one by one, see `plan_threads`); where a quota is, the engine runs
+one thread fewer and nothing is pinned. With fewer cores both share them all, as one core less would cost
+the engine more than the API's contention does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+SPLIT_FROM = 4  # cores at which the API process gets one of its own
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    engine_threads: int
+    one_process_threads: int  # with the engine on a thread of the API process: every usable core
+    engine_cores: tuple[int, ...]  # the engine process's affinity
+    api_cores: tuple[int, ...]  # the API process's affinity (the engine's when they share)
+    reason: str  # one line for the start-up log
+
+    def describe(self) -> str:
+        return (
+            f"Compute threads: {self.engine_threads} on cores {_ranges(self.engine_cores)}; API process on "
+            f"{_ranges(self.api_cores)} ({self.reason})"
+        )
+
+
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> int | None:
+    """CPUs the cgroup's quota allows (rounded up), or None where there is no quota or no cgroup file."""
+    v2 = root / "cpu.max"
+    if v2.is_file():
+        fields = v2.read_text().split()
+        if len(fields) < 2 or fields[0] == "max":
+            return None
+        return _cpus(int(fields[0]), int(fields[1]))
+    for name in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+        quota, period = root / name / "cpu.cfs_quota_us", root / name / "cpu.cfs_period_us"
+        if quota.is_file() and period.is_file():
+            return _cpus(int(quota.read_text()), int(period.read_text()))
+    return None
+
+
+def _cpus(quota: int, period: int) -> int | None:
+    if quota <= 0 or period <= 0:  # v1 writes -1 for no quota
+        return None
+    return max(1, math.ceil(quota / period))
+
+
+def plan_threads(
+    affinity: set[int] | None = None, cpu_limit: int | None = None, omp_num_threads: str | None = None
+) -> ThreadPlan:
+    """The plan for this process's affinity and cgroup (read when not given) and `OMP_NUM_THREADS`.
+
+    Only process affinity is set, not per-thread binding (OMP_PROC_BIND / GOMP_CPU_AFFINITY): binding
+    had nothing to measure it on (a shared 2-core machine), and under a CPU quota without exclusive cores
+    a thread bound to a busy core waits where an unbound one would move."""
+    if affinity is None:
+        affinity = os.sched_getaffinity(0)
+        cpu_limit = cgroup_cpu_limit()
+    cores = sorted(affinity)
+    limited = cpu_limit is not None and cpu_limit < len(cores)
+    count = cpu_limit if limited else len(cores)
+    why = f"{len(cores)} cores in the affinity mask" + (
+        f", cgroup quota {cpu_limit} CPUs" if cpu_limit is not None else ", no cgroup CPU quota"
+    )
+    if count < SPLIT_FROM:
+        engine = api = tuple(cores)
+        threads = count
+        why += f"; fewer than {SPLIT_FROM}: API and engine share them"
+    elif limited:  # the quota is CPU time on any core of the mask, not cores of our own: count, don't pin
+        engine = api = tuple(cores)
+        threads = count - 1
+        why += "; one CPU of the quota left to the API process, no pinning (the cores are not ours alone)"
+    else:
+        engine, api = tuple(cores[:-1]), (cores[-1],)
+        threads = len(engine)
+        why += "; the API process on a core of its own"
+    one_process = count
+    if omp_num_threads is None:
+        omp_num_threads = os.environ.get("OMP_NUM_THREADS")
+    if omp_num_threads:
+        try:
+            threads = one_process = max(1, int(omp_num_threads))
+            why += f"; OMP_NUM_THREADS={omp_num_threads} sets the count"
+        except ValueError:
+            why += f"; OMP_NUM_THREADS={omp_num_threads!r} is not a number and is ignored"
+    return ThreadPlan(threads, one_process, engine, api, why)
+
+
+def _ranges(cores: tuple[int, ...]) -> str:
+    """0-3,8 style."""
+    parts: list[str] = []
+    start = prev = None
+    for core in cores:
+        if prev is not None and core == prev + 1:
+            prev = core
+            continue
+        if start is not None:
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+        start = prev = core
+    if start is not None:
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+    return ",".join(parts)
