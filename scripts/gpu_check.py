@@ -27,9 +27,10 @@ ROOT = HERE.parent
 STEPS = ("env", "kernels", "e2e", "bench_llama8b", "bench_qwen3")
 MODULES = {"env": "gpu_check_env", "kernels": "gpu_check_kernels", "e2e": "gpu_check_e2e",
            "bench_llama8b": "gpu_check_bench", "bench_qwen3": "gpu_check_bench"}
-# Seconds per step, start-up of its process included. The GPU budgets add up to 6 minutes.
+# Seconds per step, start-up of its process included; what a step leaves unused goes to the steps after
+# it. The GPU budgets add up to 6 minutes.
 BUDGETS = {
-    "gpu": {"env": 20, "kernels": 60, "e2e": 90, "bench_llama8b": 150, "bench_qwen3": 40},
+    "gpu": {"env": 15, "kernels": 60, "e2e": 75, "bench_llama8b": 130, "bench_qwen3": 80},
     "smoke": {"env": 60, "kernels": 90, "e2e": 90, "bench_llama8b": 90, "bench_qwen3": 90},
 }
 SCHEMA = 1
@@ -155,10 +156,11 @@ def orchestrate(ns: argparse.Namespace) -> int:
     log_dir = Path(ns.log_dir) if ns.log_dir else work
     log_dir.mkdir(parents=True, exist_ok=True)
     print(f"GPU check ({doc['mode']}): steps {', '.join(ns.steps)}; results in {out}", flush=True)
+    saved = 0.0  # seconds earlier steps left unused
     for name in ns.steps:
-        budget = ns.budgets[name]
-        entry: dict[str, Any] = {"status": "running", "reason": None, "budget_s": budget, "seconds": None,
-                                 "results": {}, "summary": []}
+        budget = ns.budgets[name] + saved
+        entry: dict[str, Any] = {"status": "running", "reason": None, "budget_s": round(budget, 1),
+                                 "base_budget_s": ns.budgets[name], "seconds": None, "results": {}, "summary": []}
         doc["steps"][name] = entry
         _write(doc, out)
         part, log = work / f"{name}.json", log_dir / f"{name}.log"
@@ -189,6 +191,7 @@ def orchestrate(ns: argparse.Namespace) -> int:
                     break
         _merge(entry, part)
         entry["seconds"] = round(time.time() - started, 1)
+        saved = max(0.0, budget - (time.time() - started))
         if timed_out:
             entry.update(status="timeout", reason=f"killed at its budget of {budget:.0f} s (cases done so far are kept)")
         elif entry["status"] == "running":

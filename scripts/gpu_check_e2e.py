@@ -105,9 +105,12 @@ def _reference(model_dir: Path, prompts, max_new, dtype_name: str, device: str) 
 
 
 def _free(device: str) -> None:
+    """Release an engine's memory, and Dynamo's compiled code with it: each engine compiles afresh (a
+    process-wide cache limit could otherwise send a later engine silently back to eager)."""
     import torch
 
     gc.collect()
+    torch._dynamo.reset()
     if device == "cuda":
         torch.cuda.empty_cache()
 
@@ -187,6 +190,10 @@ def run(ctx: StepContext) -> None:
             return result
 
         ctx.case(key, one, need_s=15)
+    import torch
+
+    # an engine that lowered float32 matmuls to TF32 process-wide would show here (and in the mismatches)
+    ctx.results["float32_matmul_precision_after"] = torch.get_float32_matmul_precision()
     for key, r in ctx.results.items():
         if isinstance(r, dict) and "token_agreement" in r:
             ctx.summary.append(f"{key}: {r['exact_sequences']}/{r['sequences']} sequences equal to transformers, "

@@ -46,6 +46,7 @@ SIZES: dict[str, dict[str, Any]] = {
             ("extend_prefill2048_over8192", "bfloat16", [(2048, 8192)], None),
         ],
         "splits": ("decode_b4_splits", "bfloat16", [(1, 8192), (1, 8000), (1, 4097), (1, 17)], (1, 8, 64)),
+        "bounded": ("decode_b8_ragged300_bound8192", "bfloat16", _ragged(8, 300, 5), 8192),
         "timing_batches": (1, 64, 256), "timing_context": 4096, "timing_warmup": 3, "timing_reps": 20,
     },
     "smoke": {
@@ -60,6 +61,7 @@ SIZES: dict[str, dict[str, Any]] = {
             ("extend_mixed_fp16", "float16", MIXED_SMOKE, None),
         ],
         "splits": ("decode_b2_splits", "bfloat16", [(1, 40), (1, 17)], (1, 3)),
+        "bounded": ("decode_b4_ragged20_bound64", "bfloat16", _ragged(4, 20, 5), 64),
         "timing_batches": (1, 2), "timing_context": 32, "timing_warmup": 0, "timing_reps": 1,
     },
 }
@@ -165,6 +167,27 @@ def _splits(sizes, spec, device: str) -> dict[str, Any]:
     return result
 
 
+def _bounded(sizes, spec, device: str) -> dict[str, Any]:
+    """The decode kernel given a bound on the contexts far above the step's own (as a CUDA graph passes
+    max_model_len for every replay): the split count comes from the bound, the answer must not change."""
+    import torch
+
+    from kernels import reference
+    from kernels.triton.decode_attention import decode_attention, num_splits_for
+
+    _, dtype_name, lens, context_bound = spec
+    q, k_cache, v_cache, meta = _inputs(sizes, lens, dtype_name, device, 80)
+    scale = sizes["head_dim"] ** -0.5
+    want = reference.paged_attention(q, k_cache, v_cache, meta, scale)
+    out = torch.zeros_like(q)
+    decode_attention(q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                     context_bound, scale)
+    synchronize(device)
+    splits = num_splits_for(context_bound, sizes["block_size"], len(lens), sizes["heads"][1])
+    return {**_errors(out, want, dtype_name), "dtype": dtype_name, "batch": len(lens), "context_bound": context_bound,
+            "max_context": max(s for _, s in lens), "num_splits": splits}
+
+
 def _kv_store(sizes, dtype_name: str, device: str) -> dict[str, Any]:
     """K and V as strided views of a fused QKV row (as the attention layer passes them); padded slots
     (-1) must write nothing; the Triton store must equal the reference store bit for bit."""
@@ -234,9 +257,10 @@ def run(ctx: StepContext) -> None:
     for seed, (name, dtype_name, lens, window) in enumerate(sizes["parity"]):
         ctx.case(name, lambda lens=lens, d=dtype_name, w=window, s=seed: _parity(sizes, lens, d, w, ctx.device, 10 * s),
                  need_s=3)
-    ctx.case(sizes["splits"][0], lambda: _splits(sizes, sizes["splits"], ctx.device), need_s=3)
     for batch in sizes["timing_batches"]:
         ctx.case(f"decode_time_b{batch}", lambda b=batch: _decode_time(sizes, b, ctx.device), need_s=3)
+    ctx.case(sizes["splits"][0], lambda: _splits(sizes, sizes["splits"], ctx.device), need_s=3)
+    ctx.case(sizes["bounded"][0], lambda: _bounded(sizes, sizes["bounded"], ctx.device), need_s=3)
 
     checked = [r for k, r in ctx.results.items() if isinstance(r, dict) and not k.startswith("decode_time")]
     passed = sum(r.get("status") == "ok" for r in checked)
