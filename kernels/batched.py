@@ -7,51 +7,10 @@ gathered from the cache and padded to the longest; prefill chunks run one call p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from kernels.metadata import AttentionMetadata
+from kernels.metadata import AttentionMetadata, DecodePlan, plan_decode
 from kernels.reference import _gather_context, attention, causal_mask
-
-
-@dataclass
-class DecodePlan:
-    """Which sequences of a step decode one token, computed once per step and shared by all layers."""
-
-    rows: torch.Tensor  # [B] flat token row of each decode sequence
-    block_tables: torch.Tensor  # [B, blocks] covering the longest decode context
-    seq_lens: torch.Tensor  # [B]
-    max_len: int  # padded context length (a whole number of blocks)
-    prefill: list[tuple[int, int, int, int]]  # (seq index, first row, query_len, seq_len) of the others
-
-
-def plan_decode(meta: AttentionMetadata) -> DecodePlan:
-    plan = getattr(meta, "_decode_plan", None)
-    if plan is not None:
-        return plan
-    decode, rows, prefill = [], [], []
-    start = 0
-    for i, (query_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
-        if query_len == 1:
-            decode.append(i)
-            rows.append(start)
-        elif query_len > 0:
-            prefill.append((i, start, query_len, seq_len))
-        start += query_len
-    device = meta.block_tables.device
-    longest = max((meta.seq_lens_cpu[i] for i in decode), default=0)
-    num_blocks = -(-longest // meta.block_size)
-    index = torch.tensor(decode, dtype=torch.long, device=device)
-    plan = DecodePlan(
-        rows=torch.tensor(rows, dtype=torch.long, device=device),
-        block_tables=meta.block_tables.index_select(0, index)[:, :num_blocks].long(),
-        seq_lens=meta.seq_lens.index_select(0, index).long(),
-        max_len=num_blocks * meta.block_size,
-        prefill=prefill,
-    )
-    meta._decode_plan = plan  # per-step: every layer of this step reuses it
-    return plan
 
 
 def _decode_attention(
@@ -99,7 +58,7 @@ def paged_attention(
     softcap: float | None = None,
 ) -> torch.Tensor:
     """Same contract as `kernels.reference.paged_attention`, computed in q's dtype."""
-    plan = plan_decode(meta)
+    plan = meta.decode if meta.decode is not None else plan_decode(meta)  # the runner builds it once per step
     out = torch.zeros_like(q)
     if plan.rows.numel():
         out.index_copy_(0, plan.rows, _decode_attention(q, k_cache, v_cache, plan, scale, sliding_window, softcap))

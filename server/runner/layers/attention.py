@@ -1,10 +1,14 @@
-"""The attention layer: write this step's K/V into the layer's paged cache, attend over the cache."""
+"""The attention layer: write this step's K/V into the layer's paged cache, attend over the cache.
+
+Under `torch.compile` both go through one custom op (`kernels.attention_op`) with the same kernels.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from kernels import attention_op
 from kernels.metadata import AttentionMetadata
 from kernels.ops import Ops
 
@@ -39,8 +43,11 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hkv, D]; kv_cache: (k_cache, v_cache) of this layer. Returns [T, Hq * D]."""
         k_cache, v_cache = kv_cache
-        self.ops.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = self.ops.paged_attention(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
+        if torch.compiler.is_compiling():  # one custom op keeps the compiled forward one graph
+            out = attention_op.attend(q, k, v, k_cache, v_cache, meta, self.ops.backend, self.scale, self.sliding_window)
+        else:
+            self.ops.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+            out = self.ops.paged_attention(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)
 
     def extra_repr(self) -> str:
