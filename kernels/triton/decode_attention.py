@@ -1,9 +1,11 @@
 """Paged decode attention (one query token per sequence), flash-decoding style.
 
-Pass 1 splits each sequence's context into `num_splits` ranges of whole KV blocks; one program
-takes (sequence, KV head, split) and serves every query head that shares that KV head (GQA), so
-each K/V block is read once per group. It walks the block table in place (no gather of the
-context) with an online softmax in float32 and writes a partial output and its log-sum-exp.
+Pass 1 splits each sequence's own context (from its device-side length) into `num_splits` ranges of
+whole KV blocks, so a split count sized for a long bound (a CUDA graph captures it for max_model_len)
+still spreads a short context over the splits; one program takes (sequence, KV head, split) and
+serves every query head that shares that KV head (GQA), so each K/V block is read once per group.
+It walks the block table in place (no gather of the context) with an online softmax in float32 and
+writes a partial output and its log-sum-exp.
 Pass 2 merges the splits. Twin: `kernels.reference.paged_attention` restricted to query_len 1.
 """
 
@@ -21,7 +23,7 @@ from kernels.triton.online_softmax import attend_block
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
     part_out_ptr, part_lse_ptr,
-    scale, sliding_window, softcap, blocks_per_split,
+    scale, sliding_window, softcap,
     q_stride_t, q_stride_h, bt_stride, num_kv_heads,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -47,8 +49,12 @@ def _decode_split_kernel(
     start_pos = 0
     if sliding_window > 0:
         start_pos = tl.maximum(seq_len - sliding_window, 0)
-    first = tl.maximum(split * blocks_per_split, start_pos // PAGE)
-    last = tl.minimum((split + 1) * blocks_per_split, tl.cdiv(seq_len, PAGE))
+    # This sequence's blocks in view, [first_block, end_block), cut into NUM_SPLITS ranges.
+    first_block = start_pos // PAGE
+    end_block = tl.cdiv(seq_len, PAGE)
+    blocks_per_split = tl.cdiv(end_block - first_block, NUM_SPLITS)
+    first = first_block + split * blocks_per_split
+    last = tl.minimum(first + blocks_per_split, end_block)
 
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
@@ -94,7 +100,8 @@ def _decode_reduce_kernel(
 
 
 def num_splits_for(max_seq_len: int, block_size: int, num_seqs: int, num_kv_heads: int, target_programs: int = 256) -> int:
-    """Enough splits to give the GPU about `target_programs` programs, but never a split without a block."""
+    """Enough splits to give the GPU about `target_programs` programs, but no more splits than a context of
+    `max_seq_len` has blocks (a shorter context leaves the splits past its own blocks empty)."""
     max_blocks = max(1, -(-max_seq_len // block_size))
     wanted = max(1, -(-target_programs // max(1, num_seqs * num_kv_heads)))
     return min(max_blocks, triton.next_power_of_2(wanted), 64)
@@ -114,7 +121,10 @@ def decode_attention(
     num_splits: int | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Write into `out` the attention of each sequence's one query row (`query_start_loc[i]`)."""
+    """Write into `out` the attention of each sequence's one query row (`query_start_loc[i]`).
+
+    `max_seq_len` bounds the context lengths and only sizes the split count: the eager step passes its
+    longest context, a captured CUDA graph max_model_len (fixed for every replay)."""
     num_seqs = seq_lens.shape[0]
     _, page, num_kv_heads, head_dim = k_cache.shape
     num_q_heads = q.shape[1]
@@ -123,15 +133,13 @@ def decode_attention(
         return out
     if num_splits is None:
         num_splits = num_splits_for(max_seq_len, page, num_seqs, num_kv_heads)
-    max_blocks = max(1, -(-max_seq_len // page))
-    blocks_per_split = -(-max_blocks // num_splits)
     block_d = triton.next_power_of_2(head_dim)
     part_out = torch.empty(num_seqs, num_q_heads, num_splits, block_d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(num_seqs, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
     precision, upcast = dot_mode(q.dtype)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, part_out, part_lse,
-        scale, sliding_window or 0, softcap or 0.0, blocks_per_split,
+        scale, sliding_window or 0, softcap or 0.0,
         q.stride(0), q.stride(1), block_tables.stride(0), num_kv_heads,
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         PAGE=page, NUM_SPLITS=num_splits, PRECISION=precision, UPCAST=upcast,

@@ -193,9 +193,12 @@ class EngineCore:
             self._grammar_compiler.close()
 
     def startup_phases(self) -> dict[str, float]:
-        """Seconds per start-up phase; phases this engine does not run (compile, warm-up) are absent."""
+        """Seconds per start-up phase; phases this engine does not run (compile, warm-up, CUDA graphs) are absent."""
         times = self.runner.times
-        return {"download": self.download_seconds, "load_weights": times.load_weights_s, "kv_cache": times.kv_cache_s}
+        phases = {"download": self.download_seconds, "load_weights": times.load_weights_s, "kv_cache": times.kv_cache_s}
+        if times.cuda_graphs_s is not None:
+            phases["cuda_graphs"] = times.cuda_graphs_s
+        return phases
 
     def info(self) -> EngineInfo:
         """The engine-info message: everything the API needs to know of this engine and its model."""

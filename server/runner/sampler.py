@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from server.request import Request, TokenLogprob
+from server.runner.step_inputs import pins, to_device
 from server.structured.matcher import allocate_bitmask, apply_bitmask
 
 _NEG_INF = float("-inf")
@@ -44,11 +45,13 @@ class SamplingBatch:
 def build_sampling_batch(
     requests: list[Request], vocab_size: int, device: torch.device, generators: list[torch.Generator | None]
 ) -> SamplingBatch:
-    """Turn the sampling parameters of `requests` (one row each) into tensors."""
+    """Turn the sampling parameters of `requests` (one row each) into tensors, copied to `device` from
+    pinned host memory without a sync (on CUDA)."""
     params = [r.params for r in requests]
+    pin = pins(device)
 
     def column(values: list, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=device)
+        return to_device(values, dtype, device)
 
     greedy = [p.temperature < 1e-5 for p in params]
     rep = [p.repetition_penalty for p in params]
@@ -59,10 +62,10 @@ def build_sampling_batch(
 
     def padded(rows: list[list[int]]) -> torch.Tensor:
         width = max((len(r) for r in rows), default=0) or 1
-        out = torch.full((len(rows), width), vocab_size, dtype=torch.int64)
+        out = torch.full((len(rows), width), vocab_size, dtype=torch.int64, pin_memory=pin)
         for i, row in enumerate(rows):
             out[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
-        return out.to(device)
+        return out.to(device, non_blocking=True)
 
     rows, cols, vals = [], [], []
     disallowed = None
@@ -70,7 +73,7 @@ def build_sampling_batch(
         allowed = r.params.allowed_token_ids
         if allowed is not None:
             if disallowed is None:
-                disallowed = torch.zeros(len(requests), vocab_size, dtype=torch.bool)
+                disallowed = torch.zeros(len(requests), vocab_size, dtype=torch.bool, pin_memory=pin)
             disallowed[i] = True
             disallowed[i, [t for t in allowed if 0 <= t < vocab_size]] = False
         for token in _bad_word_bans(r):
@@ -110,7 +113,7 @@ def build_sampling_batch(
         bias_rows=column(rows, torch.int64) if rows else None,
         bias_cols=column(cols, torch.int64) if rows else None,
         bias_vals=column(vals, torch.float32) if rows else None,
-        disallowed=disallowed.to(device) if disallowed is not None else None,
+        disallowed=disallowed.to(device, non_blocking=True) if disallowed is not None else None,
         grammar_bitmask=bitmask,
         grammar_rows=grammar_rows,
         generators=generators,
@@ -212,7 +215,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generato
         logits = apply_penalties(logits, batch)
     if grammar_logits is not None:
         dead = torch.zeros(logits.shape[0], 1, dtype=torch.bool, device=logits.device)
-        dead[batch.grammar_rows] = torch.isneginf(logits[batch.grammar_rows]).all(dim=-1, keepdim=True)
+        rows = to_device(batch.grammar_rows, torch.long, logits.device)
+        dead[rows] = torch.isneginf(logits[rows]).all(dim=-1, keepdim=True)
         logits = torch.where(dead, grammar_logits, logits)
     greedy = logits.argmax(dim=-1)
     if batch.all_greedy:
