@@ -14,6 +14,7 @@ import argparse
 import importlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--part", help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     p.add_argument("--context", help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
     ns = p.parse_args(argv)
     ns.steps = [s.strip() for s in ns.steps.split(",") if s.strip()]
     unknown = [s for s in ns.steps if s not in STEPS]
@@ -80,7 +82,7 @@ def run_step(ns: argparse.Namespace) -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     context = json.loads(Path(ns.context).read_text()) if ns.context and Path(ns.context).is_file() else {}
-    ctx = StepContext(ns.run_step, Path(ns.part), ns.deadline, ns.smoke, device, context)
+    ctx = StepContext(ns.run_step, Path(ns.part), Path(ns.work), ns.deadline, ns.smoke, device, context)
     ctx.results["device"] = device
     ctx.save()
     if device == "cuda" and not torch.cuda.is_available():
@@ -131,6 +133,33 @@ def _tail(path: Path, lines: int = 40) -> str:
         return ""
 
 
+def _kill(proc: subprocess.Popen) -> None:
+    """SIGKILL the step's process group (its own: start_new_session), whatever it started included."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # already gone
+        pass
+
+
+def _supervise(proc: subprocess.Popen, part: Path, entry: dict[str, Any], doc: dict[str, Any], out: Path,
+               kill_at: float) -> tuple[int, bool]:
+    """Wait for the step, merging its part file into the JSON as it changes; kill it at `kill_at`.
+    Returns (exit code, whether it was killed)."""
+    seen = 0.0
+    while True:
+        try:
+            return proc.wait(timeout=1.0), False
+        except subprocess.TimeoutExpired:
+            pass
+        if part.is_file() and part.stat().st_mtime != seen:
+            seen = part.stat().st_mtime
+            _merge(entry, part)
+            _write(doc, out)
+        if time.time() > kill_at:
+            _kill(proc)
+            return proc.wait(), True
+
+
 def _child_env(smoke: bool) -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -163,32 +192,23 @@ def orchestrate(ns: argparse.Namespace) -> int:
                                  "base_budget_s": ns.budgets[name], "seconds": None, "results": {}, "summary": []}
         doc["steps"][name] = entry
         _write(doc, out)
-        part, log = work / f"{name}.json", log_dir / f"{name}.log"
+        part, log, step_work = work / f"{name}.json", log_dir / f"{name}.log", work / name
+        step_work.mkdir()
         started = time.time()
         # the step stops starting cases a little before its budget, and is killed at it
         deadline = started + budget - min(5.0, 0.1 * budget)
         cmd = [sys.executable, str(HERE / "gpu_check.py"), "--run-step", name, "--part", str(part),
-               "--deadline", str(deadline), "--context", str(out), "--device", ns.device]
+               "--deadline", str(deadline), "--context", str(out), "--work", str(step_work), "--device", ns.device]
         if ns.smoke:
             cmd.append("--smoke")
         with open(log, "wb") as log_file:
             proc = subprocess.Popen(cmd, cwd=ROOT, env=_child_env(ns.smoke), start_new_session=True,
                                     stdout=None if ns.verbose else log_file, stderr=subprocess.STDOUT if not ns.verbose else None)
-            timed_out, seen = False, 0.0
-            while True:
-                try:
-                    returncode = proc.wait(timeout=1.0)
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
-                if part.is_file() and part.stat().st_mtime != seen:
-                    seen = part.stat().st_mtime
-                    _merge(entry, part)
-                    _write(doc, out)
-                if time.time() - started > budget:
-                    os.killpg(proc.pid, signal.SIGKILL)  # the step's own process group (start_new_session)
-                    returncode, timed_out = proc.wait(), True
-                    break
+            try:
+                returncode, timed_out = _supervise(proc, part, entry, doc, out, started + budget)
+            except BaseException:  # Ctrl-C or a failure here: the step must not outlive the run
+                _kill(proc)
+                raise
         _merge(entry, part)
         entry["seconds"] = round(time.time() - started, 1)
         saved = max(0.0, budget - (time.time() - started))
@@ -202,6 +222,7 @@ def orchestrate(ns: argparse.Namespace) -> int:
         _print_step(name, entry)
     doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     _write(doc, out)
+    shutil.rmtree(work, ignore_errors=True)  # the steps' models and part files (and logs, without --log-dir)
     bad = [n for n, e in doc["steps"].items() if e["status"] not in ("ok", "skip")]
     total = sum(e["seconds"] or 0 for e in doc["steps"].values())
     print(f"\n{len(doc['steps']) - len(bad)}/{len(doc['steps'])} steps ok or skipped in {total:.0f} s"

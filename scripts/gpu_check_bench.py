@@ -11,10 +11,10 @@ no HTTP, no tokenizer work on the prompts, which are token ids).
 
 from __future__ import annotations
 
+import gc
 import random
 import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,13 +38,15 @@ SIZES: dict[str, dict[str, Any]] = {
         "llama8b": {"config": LLAMA_8B, "engine": {"max_model_len": 4096, "max_num_seqs": 256, "max_num_batched_tokens": 8192},
                     "tpot": {"prompt_len": 128, "decode_steps": 128}, "throughput": {"prompts": 500, "cap_s": 90.0}},
         "qwen3": {"config": QWEN3_06B, "engine": {"max_model_len": 4096, "max_num_seqs": 16},
-                  "tpot": {"prompt_len": 128, "decode_steps": 256}},
+                  "tpot": {"prompt_len": 128, "decode_steps": 256}, "eager_tpot": True},
     },
     "smoke": {
-        "llama8b": {"config": {**LLAMA_8B, **TOY}, "engine": {"max_model_len": 256, "max_num_seqs": 16},
+        # a fixed KV cache: on a GPU, 90 % of its memory in blocks of a toy model would be millions of blocks
+        "llama8b": {"config": {**LLAMA_8B, **TOY}, "engine": {"max_model_len": 256, "max_num_seqs": 16, "num_gpu_blocks_override": 256},
                     "tpot": {"prompt_len": 16, "decode_steps": 8}, "throughput": {"prompts": 16, "cap_s": 5.0}},
-        "qwen3": {"config": {**QWEN3_06B, **TOY, "head_dim": 32}, "engine": {"max_model_len": 256, "max_num_seqs": 4},
-                  "tpot": {"prompt_len": 16, "decode_steps": 8}},
+        "qwen3": {"config": {**QWEN3_06B, **TOY, "head_dim": 32},
+                  "engine": {"max_model_len": 256, "max_num_seqs": 4, "num_gpu_blocks_override": 64},
+                  "tpot": {"prompt_len": 16, "decode_steps": 8}, "eager_tpot": True},
     },
 }
 
@@ -151,8 +153,7 @@ def _startup(ctx: StepContext, model_dir: Path, engine_args: dict[str, Any], hol
 
     started = time.perf_counter()
     dtype = "float32" if ctx.device == "cpu" else "bfloat16"  # CPU smoke: the CPU's own fast path
-    llm = LLM(str(model_dir), dtype=dtype, load_format="dummy", seed=0, **engine_args)
-    holder["llm"] = llm
+    holder["llm"] = llm = LLM(str(model_dir), dtype=dtype, load_format="dummy", seed=0, **engine_args)
     phases = getattr(llm.engine, "startup_phases", None)
     element_size = 4 if dtype == "float32" else 2
     return {"seconds_to_ready": round(time.perf_counter() - started, 2), "dtype": dtype, "engine_args": engine_args,
@@ -161,10 +162,30 @@ def _startup(ctx: StepContext, model_dir: Path, engine_args: dict[str, Any], hol
             **streamed_weight_bytes(llm.engine.hf_config, element_size)}
 
 
+def _release(ctx: StepContext, holder: dict[str, Any]) -> None:
+    """Drop the engine (its KV cache, CUDA graphs and compiled code) before another one starts."""
+    import torch
+
+    holder.pop("llm", None)
+    gc.collect()
+    torch._dynamo.reset()
+    if ctx.device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _tpot_case(ctx: StepContext, key: str, holder: dict[str, Any], sizes, startup, gbs: float) -> dict[str, Any]:
+    def tpot():
+        result = decode_tpot(holder["llm"], **sizes["tpot"])
+        floor_ms = startup["streamed_bytes"] / (gbs * 1e9) * 1e3
+        return {**result, "floor_ms": round(floor_ms, 4), "ratio_to_floor": round(result["tpot_median_ms"] / floor_ms, 2)}
+
+    return ctx.case(key, tpot, need_s=5)
+
+
 def run(ctx: StepContext, which: str) -> None:
     sizes = SIZES["smoke" if ctx.smoke else "gpu"][which]
-    work = Path(tempfile.mkdtemp(prefix=f"gpu-check-{which}-"))
-    built = ctx.case("model", lambda: {"path": str(write_dummy_model(work / which, sizes["config"])),
+    model_dir = ctx.work / which
+    built = ctx.case("model", lambda: {"path": str(write_dummy_model(model_dir, sizes["config"])),
                                        "config": {k: v for k, v in sizes["config"].items() if k != "rope_parameters"}})
     if built["status"] != "ok":
         ctx.finish("error", "could not write the model's config")
@@ -176,29 +197,22 @@ def run(ctx: StepContext, which: str) -> None:
     ctx.results["bandwidth"] = {"gbs": gbs, "source": source}
 
     holder: dict[str, Any] = {}
-    startup = ctx.case("startup", lambda: _startup(ctx, work / which, sizes["engine"], holder), need_s=20)
+    startup = ctx.case("startup", lambda: _startup(ctx, model_dir, sizes["engine"], holder), need_s=20)
     if startup["status"] != "ok":
         ctx.finish("error", "the engine did not start")
         return
-    llm = holder["llm"]
-
-    def tpot():
-        result = decode_tpot(llm, **sizes["tpot"])
-        floor_ms = startup["streamed_bytes"] / (gbs * 1e9) * 1e3
-        return {**result, "floor_ms": round(floor_ms, 4), "ratio_to_floor": round(result["tpot_median_ms"] / floor_ms, 2)}
-
-    tpot_result = ctx.case("tpot_batch1", tpot, need_s=5)
-    if tpot_result["status"] == "ok":
+    tpot = _tpot_case(ctx, "tpot_batch1", holder, sizes, startup, gbs)
+    if tpot["status"] == "ok":
         ctx.summary.append(
-            f"{which}: ready in {startup['seconds_to_ready']} s; TPOT at batch 1 {tpot_result['tpot_median_ms']:.3f} ms "
-            f"(median of {tpot_result['decode_steps']}), weight-read floor {tpot_result['floor_ms']:.3f} ms "
-            f"({startup['streamed_bytes'] / 1e9:.3g} GB at {gbs:.0f} GB/s): {tpot_result['ratio_to_floor']:.2f}x the floor")
+            f"{which}: ready in {startup['seconds_to_ready']} s; TPOT at batch 1 {tpot['tpot_median_ms']:.3f} ms "
+            f"(median of {tpot['decode_steps']}), weight-read floor {tpot['floor_ms']:.3f} ms "
+            f"({startup['streamed_bytes'] / 1e9:.3g} GB at {gbs:.0f} GB/s): {tpot['ratio_to_floor']:.2f}x the floor")
     if "throughput" in sizes:
         spec = sizes["throughput"]
 
         def throughput():
             cap = min(spec["cap_s"], ctx.left() - 5)
-            return sharegpt_throughput(llm, spec["prompts"], sizes["engine"]["max_model_len"], cap)
+            return sharegpt_throughput(holder["llm"], spec["prompts"], sizes["engine"]["max_model_len"], cap)
 
         result = ctx.case(f"sharegpt_{spec['prompts']}", throughput, need_s=15)
         if result["status"] == "ok":
@@ -206,4 +220,13 @@ def run(ctx: StepContext, which: str) -> None:
                 f"{which}: {result['requests']} ShareGPT-like requests at once: {result['output_tok_s']:.0f} output tok/s "
                 f"({result['finished']}/{result['requests']} done in {result['elapsed_s']} s"
                 + (f", capped at {result['cap_s']} s" if result["capped"] else "") + ")")
+    if sizes.get("eager_tpot"):  # the same TPOT without compile and CUDA graphs: what they buy at batch 1
+        _release(ctx, holder)
+        eager_args = {**sizes["engine"], "enforce_eager": True}
+        eager = ctx.case("startup_eager", lambda: _startup(ctx, model_dir, eager_args, holder), need_s=25)
+        if eager["status"] == "ok":
+            result = _tpot_case(ctx, "tpot_batch1_eager", holder, sizes, eager, gbs)
+            if result["status"] == "ok":
+                ctx.summary.append(f"{which} with enforce_eager: TPOT at batch 1 {result['tpot_median_ms']:.3f} ms "
+                                   f"({result['ratio_to_floor']:.2f}x the floor)")
     ctx.finish()  # the process ends here, and the engine's memory with it

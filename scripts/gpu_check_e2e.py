@@ -18,7 +18,6 @@ import dataclasses
 import gc
 import json
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +147,7 @@ def run(ctx: StepContext) -> None:
     from server.demo import make_tiny_model
 
     sizes = SIZES["smoke" if ctx.smoke else "gpu"]
-    model_dir = Path(tempfile.mkdtemp(prefix="gpu-check-e2e-")) / "llama"
+    model_dir = ctx.work / "llama"
     built = ctx.case("model", lambda: {"path": str(make_tiny_model(model_dir, "llama", **sizes["model"])),
                                        "config": sizes["model"] or "server.demo tiny llama"})
     if built["status"] != "ok":

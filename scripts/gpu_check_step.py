@@ -22,9 +22,11 @@ STATUSES = ("ok", "fail", "error", "skip", "timeout")
 
 
 class StepContext:
-    def __init__(self, name: str, part: Path, deadline: float, smoke: bool, device: str, context: dict[str, Any]):
+    def __init__(self, name: str, part: Path, work: Path, deadline: float, smoke: bool, device: str,
+                 context: dict[str, Any]):
         self.name = name
         self.part = part
+        self.work = work  # a directory for the step's files (models); the orchestrator removes it
         self.deadline = deadline  # time.time() after which no case should start
         self.smoke = smoke
         self.device = device  # "cuda" or "cpu"
