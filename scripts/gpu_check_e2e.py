@@ -114,15 +114,18 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def _ours(model_dir: Path, prompts, max_new, dtype_name: str, args: dict[str, Any], sizes, device: str) -> list[list[int]]:
+def _ours(model_dir: Path, prompts, max_new, dtype_name: str, args: dict[str, Any], sizes, device: str):
+    """Our greedy outputs, and the engine's start-up phases (compile and cuda_graphs show what ran)."""
     from server import LLM, SamplingParams
 
     llm = LLM(str(model_dir), dtype=dtype_name, max_model_len=1024, block_size=16,
               max_num_batched_tokens=sizes["max_num_batched_tokens"], max_num_seqs=sizes["max_num_seqs"],
               num_gpu_blocks_override=sizes["num_blocks"], **args)
     try:
+        phases = getattr(llm.engine, "startup_phases", None)
+        phases = phases() if callable(phases) else phases
         results = llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=n) for n in max_new], use_tqdm=False)
-        return [r.outputs[0].token_ids for r in results]
+        return [r.outputs[0].token_ids for r in results], phases
     finally:
         del llm
         _free(device)
@@ -182,8 +185,8 @@ def run(ctx: StepContext) -> None:
             references[dtype_name] = ref.pop("outputs")
 
         def one(d=dtype_name, a=args, m=meaning):
-            ours = _ours(model_dir, prompts, max_new, d, a, sizes, ctx.device)
-            result = {"args": a, "meaning": m, **compare(ours, references[d])}
+            ours, phases = _ours(model_dir, prompts, max_new, d, a, sizes, ctx.device)
+            result = {"args": a, "meaning": m, "startup_phases": phases, **compare(ours, references[d])}
             if d == "float32" and result["mismatches"]:
                 result["status"] = "fail"  # bfloat16 agreement is recorded, not asserted
             return result
@@ -195,8 +198,9 @@ def run(ctx: StepContext) -> None:
     ctx.results["float32_matmul_precision_after"] = torch.get_float32_matmul_precision()
     for key, r in ctx.results.items():
         if isinstance(r, dict) and "token_agreement" in r:
+            ran = [p for p in ("compile", "cuda_graphs") if p in (r.get("startup_phases") or {})]
             ctx.summary.append(f"{key}: {r['exact_sequences']}/{r['sequences']} sequences equal to transformers, "
-                               f"token agreement {r['token_agreement']:.1%}")
+                               f"token agreement {r['token_agreement']:.1%} ({' + '.join(ran) or 'eager'})")
         elif isinstance(r, dict) and r.get("status") == "skip":
             ctx.summary.append(f"{key}: skipped ({r['reason']})")
     ctx.finish()
