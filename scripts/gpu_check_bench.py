@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gpu_check_env import COPY_BYTES
 from gpu_check_step import StepContext, bandwidth_from_context, copy_bandwidth
 
 LLAMA_8B = {"architecture": "LlamaForCausalLM", "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
@@ -192,7 +193,7 @@ def run(ctx: StepContext, which: str) -> None:
         return
     gbs, source = bandwidth_from_context(ctx)
     if gbs is None:
-        measured = copy_bandwidth(ctx.device, (2 << 30) if ctx.device == "cuda" else (64 << 20))
+        measured = copy_bandwidth(ctx.device, COPY_BYTES[ctx.device])
         gbs, source = measured["median_gbs"], "measured in this step"
     ctx.results["bandwidth"] = {"gbs": gbs, "source": source}
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from gpu_check_step import StepContext, copy_bandwidth
 
-COPY_BYTES = {"gpu": 2 << 30, "smoke": 64 << 20}  # large against the H200's 60 MB L2; small on CPU
+COPY_BYTES = {"cuda": 2 << 30, "cpu": 64 << 20}  # large against the H200's 60 MB L2; small on CPU
 
 
 def _version(package: str) -> str:
@@ -45,8 +45,7 @@ def _versions(ctx: StepContext) -> dict[str, Any]:
 
 def run(ctx: StepContext) -> None:
     versions = ctx.case("versions", lambda: _versions(ctx))
-    size = COPY_BYTES["smoke" if ctx.smoke else "gpu"]
-    bandwidth = ctx.case("bandwidth", lambda: copy_bandwidth(ctx.device, size))
+    bandwidth = ctx.case("bandwidth", lambda: copy_bandwidth(ctx.device, COPY_BYTES[ctx.device]))
     if versions["status"] == "ok":
         where = versions.get("gpu") or f"CPU ({versions.get('cpu_threads')} threads)"
         ctx.summary.append(
