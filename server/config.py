@@ -7,6 +7,7 @@ what `LLM(model, **engine_args)` accepts. `EngineArgs.validate()` is the one pla
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import ClassVar
@@ -34,21 +35,49 @@ DTYPE_ALIASES = {
 # The server's default bound on waiting requests, per running sequence (--max-num-seqs).
 QUEUED_PER_SEQ = 2
 UNBOUNDED_QUEUE = -1  # --max-queued-requests -1
-MAX_DEFAULT_CUDA_GRAPH_SIZE = 512  # the default capture sizes stop here (vLLM's bound)
+# -O / --compilation-config: vLLM's levels that exist here (0: eager, 3: the forward through torch.compile)
+# and the keys of its JSON form.
+COMPILATION_LEVELS = (0, 3)
+COMPILATION_CONFIG_KEYS = ("level", "cache_dir")
 
 
-def cuda_graph_sizes(requested: list[int] | None, max_num_seqs: int) -> tuple[int, ...]:
-    """The decode batch sizes to capture as CUDA graphs, ascending and distinct.
+@dataclass(frozen=True)
+class CompilationConfig:
+    level: int | None = None  # None: the default of the device and model (see ModelRunner)
+    cache_dir: str | None = None  # compiled artifacts; None: TORCHINDUCTOR_CACHE_DIR or ~/.cache/pagedserve/torch_compile
 
-    None: vLLM's default, 1, 2, 4 and every multiple of 8 up to min(max_num_seqs, 512), plus that bound
-    itself so that a full batch replays too. Given sizes are capped at max_num_seqs; [0] captures none.
-    """
-    if requested is None:
-        limit = min(max_num_seqs, MAX_DEFAULT_CUDA_GRAPH_SIZE)
-        sizes = [s for s in (1, 2, 4, *range(8, limit + 1, 8)) if s <= limit] + [limit]
+
+def parse_compilation_config(value: object) -> CompilationConfig:
+    """vLLM's -O / --compilation-config: a level (``3``, ``"3"``) or a JSON object (text or dict) with the
+    keys of COMPILATION_CONFIG_KEYS; raises ConfigError naming what is wrong."""
+    if value is None:
+        return CompilationConfig()
+    if isinstance(value, CompilationConfig):
+        fields = {"level": value.level, "cache_dir": value.cache_dir}
+    elif isinstance(value, int) and not isinstance(value, bool):
+        fields = {"level": value}
+    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        fields = {"level": int(value)}
+    elif isinstance(value, (str, dict)):
+        try:
+            fields = json.loads(value) if isinstance(value, str) else value
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"-O/--compilation-config takes a level (0 or 3) or a JSON object, got {value!r}: {exc}.") from None
+        if not isinstance(fields, dict):
+            raise ConfigError(f"-O/--compilation-config takes a level (0 or 3) or a JSON object, got {value!r}.")
     else:
-        sizes = [min(s, max_num_seqs) for s in requested if s > 0]
-    return tuple(sorted(set(sizes)))
+        raise ConfigError(f"-O/--compilation-config takes a level (0 or 3) or a JSON object, got {value!r}.")
+    unknown = sorted(set(fields) - set(COMPILATION_CONFIG_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"-O/--compilation-config: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(COMPILATION_CONFIG_KEYS)}."
+        )
+    level, cache_dir = fields.get("level"), fields.get("cache_dir")
+    if level is not None and (not isinstance(level, int) or isinstance(level, bool) or level not in COMPILATION_LEVELS):
+        raise ConfigError(f"-O/--compilation-config level must be 0 (eager) or 3 (torch.compile), got {level!r}.")
+    if cache_dir is not None and (not isinstance(cache_dir, str) or not cache_dir):
+        raise ConfigError(f"-O/--compilation-config cache_dir must be a directory path, got {cache_dir!r}.")
+    return CompilationConfig(level=level, cache_dir=cache_dir)
 
 
 @dataclass(frozen=True)
@@ -68,8 +97,8 @@ class ModelConfig:
     load_format: str = "auto"  # dummy: random weights, no checkpoint read
     use_tqdm_on_load: bool = True  # progress bars while weights load (on a terminal)
     model_impl: str = "auto"  # auto | native | transformers
-    # decode batch sizes captured as CUDA graphs on a CUDA device (cuda_graph_sizes()); () for none
-    cuda_graph_sizes: tuple[int, ...] = ()
+    compilation_level: int | None = None  # 0 eager, 3 torch.compile; None: the device's default (0 with enforce_eager)
+    compile_cache_dir: str | None = None  # None: TORCHINDUCTOR_CACHE_DIR or ~/.cache/pagedserve/torch_compile
 
 
 @dataclass(frozen=True)
@@ -112,11 +141,11 @@ class EngineArgs:
     seed: int = 0
     device: str = "auto"
     enforce_eager: bool = False
+    compilation_config: int | str | dict | CompilationConfig | None = None  # -O: a level or {"level", "cache_dir"}
     attention_backend: str = "auto"
     load_format: str = "auto"
     model_impl: str = "auto"
     use_tqdm_on_load: bool = True
-    cuda_graph_sizes: list[int] | None = None  # None: the default sizes; [0]: no CUDA graphs
     block_size: int = 16
     enable_prefix_caching: bool = True
     kv_cache_memory: float | None = None
@@ -134,8 +163,6 @@ class EngineArgs:
         # An alias becomes its canonical name here, so every other part reads only those; validate() rejects the rest.
         self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
         self.model_impl = MODEL_IMPLS.get(self.model_impl, self.model_impl)
-        if isinstance(self.cuda_graph_sizes, int) and not isinstance(self.cuda_graph_sizes, bool):
-            self.cuda_graph_sizes = [self.cuda_graph_sizes]
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -182,17 +209,7 @@ class EngineArgs:
         )
         need(self.grammar_compile_timeout > 0, f"--grammar-compile-timeout must be > 0 s, got {self.grammar_compile_timeout}.")
         need(self.max_grammar_bytes >= 1, f"--max-grammar-bytes must be at least 1, got {self.max_grammar_bytes}.")
-        sizes = self.cuda_graph_sizes
-        need(
-            sizes is None
-            or (
-                isinstance(sizes, (list, tuple))
-                and len(sizes) >= 1
-                and all(isinstance(s, int) and not isinstance(s, bool) for s in sizes)
-                and (list(sizes) == [0] or min(sizes) >= 1)
-            ),
-            f"--cuda-graph-sizes takes positive batch sizes, or 0 alone for no CUDA graphs, got {sizes!r}.",
-        )
+        parse_compilation_config(self.compilation_config)  # raises ConfigError
         need(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}.")
         need(
             self.attention_backend in ATTENTION_BACKENDS,
@@ -234,6 +251,7 @@ class EngineArgs:
             raise ConfigError(
                 f"--max-model-len {max_len} exceeds the model's max_position_embeddings ({max_position_embeddings})."
             )
+        compilation = parse_compilation_config(self.compilation_config)
         return ModelConfig(
             model=model,
             path=path,
@@ -250,9 +268,8 @@ class EngineArgs:
             load_format=self.load_format,
             model_impl=self.model_impl,
             use_tqdm_on_load=self.use_tqdm_on_load,
-            cuda_graph_sizes=()
-            if self.enforce_eager or device != "cuda"
-            else cuda_graph_sizes(self.cuda_graph_sizes, self.max_num_seqs),
+            compilation_level=0 if self.enforce_eager else compilation.level,
+            compile_cache_dir=compilation.cache_dir,
         )
 
     def cache_config(self) -> CacheConfig:
