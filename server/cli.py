@@ -46,13 +46,18 @@ _ENGINE_HELP = {
     "transformers' modeling code even where a native one exists (slower: no fused projections or packed CPU linears).",
     "use_tqdm_on_load": "Progress bars for downloads, dequantization and weight loading (on a terminal; "
     "always off with --log-format json).",
-    "enforce_eager": "Plain eager torch: linear layers keep plain weights (no oneDNN packing on CPU) and the "
-    "forward is not compiled (as -O0). No CUDA-graph step exists yet for it to turn off.",
+    "enforce_eager": "Plain eager torch: linear layers keep plain weights (no oneDNN packing on CPU), the forward "
+    "is not compiled (as -O0) and no CUDA graphs are captured.",
     "compilation_config": "-O0: the model forward runs eagerly; -O3: through torch.compile (Inductor), compiled at "
     "start-up for every batch size at once (native models). Also a JSON object {\"level\": 0|3, \"cache_dir\": DIR}: "
     "compiled graphs are kept in DIR (default: TORCHINDUCTOR_CACHE_DIR, else ~/.cache/pagedserve/torch_compile) "
     "so a restart loads them instead of compiling again. Default: 3 on CUDA, 0 on CPU (where compiling measured "
     "slower than the eager oneDNN path).",
+    "cuda_graph_sizes": "Decode batch sizes to capture as CUDA graphs at start-up (CUDA with the triton attention "
+    "backend; native models). A step where every sequence decodes one token and that has at most the largest "
+    "size replays the graph of the next size up (padded rows write nothing); other steps run eagerly. Default: "
+    "1 2 4 and every multiple of 8 up to min(--max-num-seqs, 512), plus that bound; sizes are capped at "
+    "--max-num-seqs; 0: no CUDA graphs.",
     "block_size": "Tokens per KV cache block.",
     "enable_prefix_caching": "Reuse KV blocks of shared prompt prefixes.",
     "kv_cache_memory": "KV cache size in GiB on CPU (default: enough for max-num-seqs full sequences, at most 4).",
@@ -108,6 +113,8 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: set[str], h
             parser.add_argument(_flag(f.name), nargs="+", **kwargs)
         elif f.name == "compilation_config":  # vLLM's -O3 / -O '{"level": 3}'
             parser.add_argument(_flag(f.name), "-O", type=str, metavar="LEVEL|JSON", **kwargs)
+        elif f.name == "cuda_graph_sizes":
+            parser.add_argument(_flag(f.name), nargs="+", type=int, metavar="N", **kwargs)
         else:
             base = base if base in (int, float, str) else str
             parser.add_argument(_flag(f.name), type=base, **kwargs)

@@ -39,6 +39,21 @@ UNBOUNDED_QUEUE = -1  # --max-queued-requests -1
 # and the keys of its JSON form.
 COMPILATION_LEVELS = (0, 3)
 COMPILATION_CONFIG_KEYS = ("level", "cache_dir")
+MAX_DEFAULT_CUDA_GRAPH_SIZE = 512  # the default capture sizes stop here (vLLM's bound)
+
+
+def cuda_graph_sizes(requested: list[int] | None, max_num_seqs: int) -> tuple[int, ...]:
+    """The decode batch sizes to capture as CUDA graphs, ascending and distinct.
+
+    None: vLLM's default, 1, 2, 4 and every multiple of 8 up to min(max_num_seqs, 512), plus that bound
+    itself so that a full batch replays too. Given sizes are capped at max_num_seqs; [0] captures none.
+    """
+    if requested is None:
+        limit = min(max_num_seqs, MAX_DEFAULT_CUDA_GRAPH_SIZE)
+        sizes = [s for s in (1, 2, 4, *range(8, limit + 1, 8)) if s <= limit] + [limit]
+    else:
+        sizes = [min(s, max_num_seqs) for s in requested if s > 0]
+    return tuple(sorted(set(sizes)))
 
 
 @dataclass(frozen=True)
@@ -97,6 +112,8 @@ class ModelConfig:
     load_format: str = "auto"  # dummy: random weights, no checkpoint read
     use_tqdm_on_load: bool = True  # progress bars while weights load (on a terminal)
     model_impl: str = "auto"  # auto | native | transformers
+    # decode batch sizes captured as CUDA graphs on a CUDA device (cuda_graph_sizes()); () for none
+    cuda_graph_sizes: tuple[int, ...] = ()
     compilation_level: int | None = None  # 0 eager, 3 torch.compile; None: the device's default (0 with enforce_eager)
     compile_cache_dir: str | None = None  # None: TORCHINDUCTOR_CACHE_DIR or ~/.cache/pagedserve/torch_compile
 
@@ -146,6 +163,7 @@ class EngineArgs:
     load_format: str = "auto"
     model_impl: str = "auto"
     use_tqdm_on_load: bool = True
+    cuda_graph_sizes: list[int] | None = None  # None: the default sizes; [0]: no CUDA graphs
     block_size: int = 16
     enable_prefix_caching: bool = True
     kv_cache_memory: float | None = None
@@ -163,6 +181,8 @@ class EngineArgs:
         # An alias becomes its canonical name here, so every other part reads only those; validate() rejects the rest.
         self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
         self.model_impl = MODEL_IMPLS.get(self.model_impl, self.model_impl)
+        if isinstance(self.cuda_graph_sizes, int) and not isinstance(self.cuda_graph_sizes, bool):
+            self.cuda_graph_sizes = [self.cuda_graph_sizes]
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -209,6 +229,17 @@ class EngineArgs:
         )
         need(self.grammar_compile_timeout > 0, f"--grammar-compile-timeout must be > 0 s, got {self.grammar_compile_timeout}.")
         need(self.max_grammar_bytes >= 1, f"--max-grammar-bytes must be at least 1, got {self.max_grammar_bytes}.")
+        sizes = self.cuda_graph_sizes
+        need(
+            sizes is None
+            or (
+                isinstance(sizes, (list, tuple))
+                and len(sizes) >= 1
+                and all(isinstance(s, int) and not isinstance(s, bool) for s in sizes)
+                and (list(sizes) == [0] or min(sizes) >= 1)
+            ),
+            f"--cuda-graph-sizes takes positive batch sizes, or 0 alone for no CUDA graphs, got {sizes!r}.",
+        )
         parse_compilation_config(self.compilation_config)  # raises ConfigError
         need(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}.")
         need(
@@ -268,6 +299,9 @@ class EngineArgs:
             load_format=self.load_format,
             model_impl=self.model_impl,
             use_tqdm_on_load=self.use_tqdm_on_load,
+            cuda_graph_sizes=()
+            if self.enforce_eager or device != "cuda"
+            else cuda_graph_sizes(self.cuda_graph_sizes, self.max_num_seqs),
             compilation_level=0 if self.enforce_eager else compilation.level,
             compile_cache_dir=compilation.cache_dir,
         )

@@ -193,11 +193,13 @@ class EngineCore:
             self._grammar_compiler.close()
 
     def startup_phases(self) -> dict[str, float]:
-        """Seconds per start-up phase; phases this engine does not run (compile, warm-up) are absent."""
+        """Seconds per start-up phase; phases this engine does not run (compile, warm-up, CUDA graphs) are absent."""
         times = self.runner.times
         phases = {"download": self.download_seconds, "load_weights": times.load_weights_s, "kv_cache": times.kv_cache_s}
         if times.compile_s is not None:
             phases["compile"], phases["warmup"] = times.compile_s, times.warmup_s
+        if times.cuda_graphs_s is not None:
+            phases["cuda_graphs"] = times.cuda_graphs_s
         return phases
 
     def info(self) -> EngineInfo:

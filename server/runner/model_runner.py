@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 
@@ -15,9 +17,16 @@ from server.errors import ConfigError
 from server.request import Request, TokenLogprob
 from server.runner import loader
 from server.runner.compile import CompiledForward, use_cache_dir
+from server.runner.cuda_graphs import (
+    Capture,
+    CudaGraphCapture,
+    DecodeBuffers,
+    DecodeGraphs,
+)
 from server.runner.models.registry import get_model_class, kv_cache_shape_info
 from server.runner.models.transformers_backend import TransformersForCausalLM
 from server.runner.sampler import build_sampling_batch, gather_logprobs, sample
+from server.runner.step_inputs import HostStep, block_table, pins, to_device
 from server.scheduler.output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -52,6 +61,7 @@ class RunnerOutput:
 class StartupTimes:
     load_weights_s: float = 0.0
     kv_cache_s: float = 0.0
+    cuda_graphs_s: float | None = None  # None: no CUDA graphs were captured
     compile_s: float | None = None  # the first compiled call (trace + Inductor); None: eager
     warmup_s: float | None = None  # the other warm-up calls, which must not compile again
 
@@ -115,6 +125,23 @@ class ModelRunner:
         if compile_level == 3:
             self._compile()
 
+        # Last: the graphs record the forward as it will run (after weights, KV cache and any warm-up).
+        self.graphs: DecodeGraphs | None = None
+        if model_config.cuda_graph_sizes and self.device.type == "cuda":
+            if ops.backend != "triton" or model_class is TransformersForCausalLM:
+                logger.info(
+                    "No CUDA graphs: they need a native model on the triton attention backend (here %s, %s).",
+                    model_class.__name__, ops.backend,
+                )
+            else:
+                started = time.perf_counter()
+                self.capture_decode_graphs(CudaGraphCapture(self.device), model_config.cuda_graph_sizes)
+                self.times.cuda_graphs_s = time.perf_counter() - started
+                logger.info(
+                    "Captured CUDA graphs of decode steps for batch sizes %s in %.1f s",
+                    ", ".join(map(str, model_config.cuda_graph_sizes)), self.times.cuda_graphs_s,
+                )
+
     # ---- torch.compile --------------------------------------------------------------------
 
     def _compilation_level(self, native: bool) -> int:
@@ -145,6 +172,20 @@ class ModelRunner:
             "Compiled the forward in %.1f s, warmed up in %.1f s (compile cache: %s)",
             self.times.compile_s, self.times.warmup_s, cache_dir,
         )
+
+    # ---- CUDA graphs ----------------------------------------------------------------------
+
+    def capture_decode_graphs(self, capture: Capture, sizes: Sequence[int]) -> None:
+        """Capture the decode forward at each of `sizes` with `capture` (`CudaGraphCapture` on CUDA); from
+        then on a decode-only step of at most max(sizes) sequences replays one (`DecodeGraphs`)."""
+        max_model_len = self.scheduler_config.max_model_len
+        buffers = DecodeBuffers(
+            max(sizes), -(-max_model_len // self.block_size), self.hf_config.hidden_size, self.dtype, self.device
+        )
+        graphs = DecodeGraphs(self._forward, sizes, buffers, self.block_size, max_model_len)
+        with torch.inference_mode():
+            graphs.capture(capture)
+        self.graphs = graphs
 
     # ---- KV cache -------------------------------------------------------------------------
 
@@ -246,13 +287,9 @@ class ModelRunner:
         """Forget per-request state (the seeded generator) of a finished request."""
         self.request_generators.pop(request_id, None)
 
-    def _prepare(self, batch: SchedulerOutput):
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_lens, seq_lens, tables = [], [], []
-        sample_rows: list[int] = []  # flat row of the last token of each sampling seq
-        prompt_rows: list[tuple[Request, list[int], list[int]]] = []  # (request, rows, target token ids)
+    def _prepare(self, batch: SchedulerOutput) -> HostStep:
+        step = HostStep()
+        ids, positions, slots = step.input_ids, step.positions, step.slot_mapping
         bs = self.block_size
         for seq in batch.seqs:
             req = seq.request
@@ -261,58 +298,72 @@ class ModelRunner:
             positions.extend(range(seq.start, seq.end))
             blocks = req.block_ids
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(seq.start, seq.end))
-            query_lens.append(seq.num_new_tokens)
-            seq_lens.append(seq.end)
-            tables.append(blocks)
+            step.query_lens.append(seq.num_new_tokens)
+            step.seq_lens.append(seq.end)
+            step.block_tables.append(blocks)
             if seq.samples:
-                sample_rows.append(offset + seq.num_new_tokens - 1)
+                step.sample_rows.append(offset + seq.num_new_tokens - 1)
             if req.params.prompt_logprobs is not None and seq.start < req.num_prompt_tokens - 1:
                 last = min(seq.end, req.num_prompt_tokens - 1)  # position `last` predicts nothing in the prompt
                 rows = list(range(offset, offset + last - seq.start))
                 targets = req.all_token_ids[seq.start + 1 : last + 1]
-                prompt_rows.append((req, rows, targets))
-        width = max(len(t) for t in tables)
-        table = torch.zeros((len(tables), width), dtype=torch.int32)
-        for i, blocks in enumerate(tables):
-            table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+                step.prompt_rows.append((req, rows, targets))
+        return step
+
+    def _eager_inputs(self, step: HostStep) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """The step's tensors on the device, copied from pinned host memory without a sync (on CUDA)."""
         dev = self.device
-        starts = [0]
-        for n in query_lens:
-            starts.append(starts[-1] + n)
+        tables = block_table(step.block_tables, len(step.block_tables), step.table_width, pins(dev))
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32).to(dev, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            block_tables=table.to(dev, non_blocking=True),
-            query_lens_cpu=query_lens,
-            seq_lens_cpu=seq_lens,
-            block_size=bs,
+            slot_mapping=to_device(step.slot_mapping, torch.long, dev),
+            query_start_loc=to_device(list(accumulate(step.query_lens, initial=0)), torch.int32, dev),
+            seq_lens=to_device(step.seq_lens, torch.int32, dev),
+            block_tables=tables.to(dev, non_blocking=True),
+            query_lens_cpu=step.query_lens,
+            seq_lens_cpu=step.seq_lens,
+            block_size=self.block_size,
         )
         if self.attention_backend == "batched":  # once per step, shared by every layer
             meta.decode = plan_decode(meta)
-        input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
-        pos = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
-        return input_ids, pos, meta, sample_rows, prompt_rows
+        return to_device(step.input_ids, torch.long, dev), to_device(step.positions, torch.long, dev), meta
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The model forward of one step (what a CUDA graph captures): compiled with -O3, else eager."""
+        forward = self.compiled if self.compiled is not None else self.model
+        return forward(input_ids, positions, self.kv_caches, meta)
+
+    def _hidden(self, step: HostStep) -> torch.Tensor:
+        """[T, hidden] of the step: a captured graph's replay where one fits, else the eager forward."""
+        size = self.graphs.size_for(step) if self.graphs is not None else None
+        if size is not None:
+            return self.graphs.run(step, size)
+        return self._forward(*self._eager_inputs(step))
+
+    def _select_rows(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """hidden[rows] (rows ascending); all rows without an index, else an index copied without a sync."""
+        if len(rows) == hidden.shape[0]:
+            return hidden
+        return hidden.index_select(0, to_device(rows, torch.long, self.device))
 
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> RunnerOutput:
         out = RunnerOutput()
         if batch.empty:
             return out
-        input_ids, positions, meta, sample_rows, prompt_rows = self._prepare(batch)
-        forward = self.compiled if self.compiled is not None else self.model  # compiled with -O3
-        hidden = forward(input_ids, positions, self.kv_caches, meta)
+        step = self._prepare(batch)
+        hidden = self._hidden(step)
+        sample_rows = step.sample_rows
 
-        for req, rows, targets in prompt_rows:
-            logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows]), dim=-1)
-            target = torch.tensor(targets, dtype=torch.long, device=self.device)
+        for req, rows, targets in step.prompt_rows:
+            logprobs = torch.log_softmax(self.model.compute_logits(self._select_rows(hidden, rows)), dim=-1)
+            target = to_device(targets, torch.long, self.device)
             count = req.params.prompt_logprobs or 0
             out.prompt_logprobs[req.request_id] = gather_logprobs(logprobs, target, [count] * len(rows))
 
         if not sample_rows:
             return out
         sampling_reqs = [s.request for s in batch.seqs if s.samples]
-        logits = self.model.compute_logits(hidden[sample_rows]).float()
+        logits = self.model.compute_logits(self._select_rows(hidden, sample_rows)).float()
         generators = [self._generator_for(r) for r in sampling_reqs]
         sbatch = build_sampling_batch(sampling_reqs, self.vocab_size, self.device, generators)
         tokens = sample(logits, sbatch, self.generator)
