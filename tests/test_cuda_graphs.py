@@ -274,10 +274,10 @@ def test_captured_cuda_graphs_give_the_eager_greedy_output(tiny_model):
 
 
 @needs_cuda
-@pytest.mark.parametrize("graphs", [[0], [1, 2, 4, 8]], ids=["eager", "graphs"])
-def test_a_cuda_step_syncs_only_to_read_the_sampled_tokens(tiny_model, graphs):
+@pytest.mark.parametrize("engine_args", [{"enforce_eager": True}, {"cuda_graph_sizes": [1, 2, 4, 8]}], ids=["eager", "graphs"])
+def test_a_cuda_step_syncs_only_to_read_the_sampled_tokens(tiny_model, engine_args):
     """torch's sync debug mode warns at every device-to-host sync it makes: one per step that samples."""
-    llm = _cuda_llm(tiny_model, cuda_graph_sizes=graphs)
+    llm = _cuda_llm(tiny_model, **engine_args)
     prompts, params = _prompts_and_params(llm.engine.hf_config.vocab_size)
     engine = llm.engine
     for i, (prompt, p) in enumerate(zip(prompts, params)):
