@@ -36,7 +36,8 @@ TOY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num
 
 SIZES: dict[str, dict[str, Any]] = {
     "gpu": {
-        "llama8b": {"config": LLAMA_8B, "engine": {"max_model_len": 4096, "max_num_seqs": 256, "max_num_batched_tokens": 8192},
+        # max_model_len = the step budget, so the start-up memory profile covers the largest step
+        "llama8b": {"config": LLAMA_8B, "engine": {"max_model_len": 8192, "max_num_seqs": 256, "max_num_batched_tokens": 8192},
                     "tpot": {"prompt_len": 128, "decode_steps": 128}, "throughput": {"prompts": 500, "cap_s": 90.0}},
         "qwen3": {"config": QWEN3_06B, "engine": {"max_model_len": 4096, "max_num_seqs": 16},
                   "tpot": {"prompt_len": 128, "decode_steps": 256}, "eager_tpot": True},
