@@ -25,7 +25,7 @@ from gpu_check_step import STATUSES  # noqa: E402
 def _run(out: Path, *args: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, dict]:
     env = dict(os.environ, PYTHON=sys.executable, OMP_WAIT_POLICY="PASSIVE")
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh"), "--out", str(out), *args],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=out.parent)
+                          check=False, capture_output=True, text=True, timeout=timeout, env=env, cwd=out.parent)
     return proc, json.loads(out.read_text())
 
 
@@ -105,7 +105,7 @@ def test_a_step_past_its_budget_is_killed_and_the_next_step_still_runs(tmp_path)
 def test_unknown_steps_and_bad_budgets_are_refused(tmp_path):
     for args in (["--steps", "env,nope"], ["--budget", "nope=3"], ["--budget", "env=soon"]):
         proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--out", str(tmp_path / "x.json"), *args],
-                              capture_output=True, text=True, timeout=60)
+                              check=False, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and "error:" in proc.stderr, args
     assert set(STATUSES) >= {"ok", "skip", "timeout"}
 
