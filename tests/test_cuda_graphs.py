@@ -257,7 +257,7 @@ def test_greedy_output_through_a_stand_in_for_the_cuda_graph_equals_the_eager_pa
 
 def _cuda_llm(path, **kwargs) -> LLM:
     return LLM(str(path), dtype="float32", max_model_len=64, block_size=16, max_num_seqs=8, max_num_batched_tokens=24,
-               device="cuda", **kwargs)
+               device="cuda", num_gpu_blocks_override=64, **kwargs)  # not 90% of the GPU per engine
 
 
 @needs_cuda
