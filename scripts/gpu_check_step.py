@@ -71,8 +71,12 @@ class StepContext:
     def finish(self, status: str | None = None, reason: str | None = None) -> None:
         """The step's status: given, or "fail"/"error" if any case failed/errored, else "ok"."""
         if status is None:
-            case_statuses = {r.get("status") for r in self.results.values() if isinstance(r, dict)}
-            status = "fail" if "fail" in case_statuses else "error" if "error" in case_statuses else "ok"
+            cases = [r for r in self.results.values() if isinstance(r, dict) and "status" in r]
+            statuses = {r["status"] for r in cases}
+            status = "fail" if "fail" in statuses else "error" if "error" in statuses else "ok"
+            starved = sum(r["status"] == "skip" and r.get("reason", "").startswith("step budget") for r in cases)
+            if starved and reason is None:
+                reason = f"{starved} of {len(cases)} cases skipped: the step's budget ran out"
         self.status, self.reason = status, reason
         self.save()
 
