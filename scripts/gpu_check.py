@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             budgets[name] = float(seconds)
         except ValueError:
             p.error(f"--budget {item}: SECONDS must be a number")
+        if not budgets[name] > 0:
+            p.error(f"--budget {item}: SECONDS must be positive")
     ns.budgets = budgets
     return ns
 
@@ -239,7 +241,7 @@ def _print_step(name: str, entry: dict[str, Any]) -> None:
         print(f"    {line}", flush=True)
     for key, case in entry.get("results", {}).items():
         if isinstance(case, dict) and case.get("status") in ("fail", "error"):
-            detail = case.get("error") or ", ".join(f"{k}={v}" for k, v in case.items() if k in ("max_abs_err", "bound", "equal", "mismatches"))
+            detail = case.get("error") or ", ".join(f"{k}={v}" for k, v in case.items() if k in ("max_abs_err", "max_excess", "equal", "mismatches", "first_mismatch"))
             print(f"    {key}: {case['status']} {detail}", flush=True)
 
 

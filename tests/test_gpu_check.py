@@ -103,7 +103,7 @@ def test_a_step_past_its_budget_is_killed_and_the_next_step_still_runs(tmp_path)
 
 
 def test_unknown_steps_and_bad_budgets_are_refused(tmp_path):
-    for args in (["--steps", "env,nope"], ["--budget", "nope=3"], ["--budget", "env=soon"]):
+    for args in (["--steps", "env,nope"], ["--budget", "nope=3"], ["--budget", "env=soon"], ["--budget", "env=0"]):
         proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--out", str(tmp_path / "x.json"), *args],
                               check=False, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and "error:" in proc.stderr, args
