@@ -74,7 +74,7 @@ def plan_decode(meta: AttentionMetadata) -> DecodePlan:
         start += query_len
     device = meta.block_tables.device
     longest = max((meta.seq_lens_cpu[i] for i in decode), default=0)
-    num_blocks = -(-longest // meta.block_size)
+    num_blocks = max(1, -(-longest // meta.block_size))  # >= 1: the same strides with no decode row (one graph)
     index = torch.tensor(decode, dtype=torch.long, device=device)
     return DecodePlan(
         rows=torch.tensor(rows, dtype=torch.long, device=device),

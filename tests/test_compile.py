@@ -37,11 +37,13 @@ def compiled_llm(request, tiny_qwen3, tmp_path_factory):
     cache_dir = tmp_path_factory.mktemp("compile-cache")
     with pytest.MonkeyPatch.context() as env:  # the engine sets TORCHINDUCTOR_CACHE_DIR; restore it after
         env.delenv(CACHE_DIR_ENV, raising=False)
+        graphs_before = counters["stats"]["unique_graphs"]
         llm = LLM(
             str(tiny_qwen3), dtype="float32", max_model_len=256, block_size=16, num_gpu_blocks_override=16,
             max_num_batched_tokens=48, max_num_seqs=8, attention_backend=request.param,
             compilation_config={"level": 3, "cache_dir": str(cache_dir)},
         )
+        assert counters["stats"]["unique_graphs"] - graphs_before == 1, "start-up (decodes, a prefill) compiled twice"
         yield request.param, llm, cache_dir
 
 
