@@ -81,6 +81,8 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's query tokens over its cached context.
 
@@ -89,6 +91,10 @@ def paged_attention(
     ``j <= p`` and, with a sliding window w, ``p - w < j``. Scores are ``q . k * scale``, soft-capped
     to ``softcap * tanh(score / softcap)`` when ``softcap`` is set. Rows past the last sequence stay
     zero. Computed in float32, returned in q's dtype.
+
+    ``k``/``v`` ([T, Hkv, D]), when given, are this step's keys and values, already written at
+    ``slot_mapping``: a backend may attend to them in place of reading them back from the cache. The
+    result is the same either way; this oracle always reads the cache.
     """
     out = torch.zeros_like(q)
     start = 0

@@ -19,7 +19,10 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """k/v (this step's, already in the cache) are accepted and not used: the kernels read the cache."""
     if q.stride(-1) != 1:
         q = q.contiguous()
     out = torch.zeros_like(q)

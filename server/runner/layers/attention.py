@@ -47,7 +47,7 @@ class Attention(nn.Module):
             out = attention_op.attend(q, k, v, k_cache, v_cache, meta, self.ops.backend, self.scale, self.sliding_window)
         else:
             self.ops.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
-            out = self.ops.paged_attention(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
+            out = self.ops.paged_attention(q, k_cache, v_cache, meta, self.scale, self.sliding_window, k=k, v=v)
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)
 
     def extra_repr(self) -> str:
