@@ -39,6 +39,11 @@ def test_no_cgroup_files_mean_no_limit_fake_empty_root(tmp_path):
     assert cgroup_cpu_limit(tmp_path) is None
 
 
+def test_a_malformed_fake_cpu_max_means_no_limit(tmp_path):
+    _write(tmp_path / "cpu.max", "lots 100000\n")
+    assert cgroup_cpu_limit(tmp_path) is None
+
+
 def test_enough_cores_give_the_api_process_one_of_its_own():
     plan = plan_threads(set(range(8)), None, "")
     assert plan.engine_threads == 7 and plan.one_process_threads == 8

@@ -39,7 +39,14 @@ class ThreadPlan:
 
 
 def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> int | None:
-    """CPUs the cgroup's quota allows (rounded up), or None where there is no quota or no cgroup file."""
+    """CPUs the cgroup's quota allows (rounded up), or None where there is no quota or no readable cgroup file."""
+    try:
+        return _read_cgroup_cpu_limit(root)
+    except (OSError, ValueError):  # unreadable or malformed: no limit known, as without a cgroup
+        return None
+
+
+def _read_cgroup_cpu_limit(root: Path) -> int | None:
     v2 = root / "cpu.max"
     if v2.is_file():
         fields = v2.read_text().split()
