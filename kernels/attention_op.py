@@ -62,13 +62,13 @@ def attention(
         )
     meta = AttentionMetadata(slot_mapping, query_start_loc, seq_lens, block_tables, query_lens, lens, block_size, decode)
     paged_attention = batched.paged_attention if backend == "batched" else reference.paged_attention
-    return paged_attention(q, k_cache, v_cache, meta, scale, sliding_window, softcap)
+    return paged_attention(q, k_cache, v_cache, meta, scale, sliding_window, softcap, k=k, v=v).contiguous()
 
 
 @attention.register_fake
 def _(q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, seq_lens, block_tables,
       decode_rows, decode_block_tables, decode_seq_lens, backend, scale, sliding_window, softcap):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, as every implementation returns it
 
 
 def _triton(q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, seq_lens, block_tables,

@@ -64,9 +64,9 @@ def _mark_step_dims(input_ids: torch.Tensor, positions: torch.Tensor, meta: Atte
 class CompiledForward:
     """``model(input_ids, positions, kv_caches, meta)`` compiled by Inductor, with symbolic batch sizes."""
 
-    def __init__(self, model: nn.Module, options: dict | None = None):
+    def __init__(self, model: nn.Module):
         self.model = model
-        self._compiled = torch.compile(model, fullgraph=True, dynamic=False, options=options)
+        self._compiled = torch.compile(model, fullgraph=True, dynamic=False)
 
     def __call__(
         self,
