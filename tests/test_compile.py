@@ -7,6 +7,11 @@ takes tens of seconds on two cores), into a per-module compile cache directory.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from kernel_cases import random_step
@@ -108,6 +113,33 @@ def test_start_up_times_compile_and_warm_up_and_fills_the_cache_dir(compiled_llm
     phases = llm.engine.startup_phases()
     assert phases["compile"] > 0 and phases["warmup"] > 0
     assert any(cache_dir.rglob("*")), "no compiled artifact was written to the cache directory"
+
+
+RESTART = """
+import json, sys
+from torch._dynamo.utils import counters
+from server import LLM
+path, backend, cache_dir = sys.argv[1:]
+llm = LLM(path, dtype="float32", max_model_len=256, block_size=16, num_gpu_blocks_override=16, max_num_batched_tokens=48,
+          max_num_seqs=8, attention_backend=backend, compilation_config={"level": 3, "cache_dir": cache_dir})
+print(json.dumps({**counters["inductor"], **llm.engine.startup_phases()}))
+"""
+
+
+def test_a_restart_loads_the_compiled_graph_from_the_cache_dir(compiled_llm, tiny_qwen3):
+    """A new process with the same model and flags finds the graph in the cache directory: Inductor's
+    FX-graph cache hits and nothing is compiled again."""
+    backend, _, cache_dir = compiled_llm
+    if backend != "batched":
+        pytest.skip("one backend shows it")
+    env = {k: v for k, v in os.environ.items() if k != CACHE_DIR_ENV}
+    result = subprocess.run(
+        [sys.executable, "-c", RESTART, str(tiny_qwen3), backend, str(cache_dir)],
+        check=False, capture_output=True, text=True, timeout=300, env={**env, "OMP_WAIT_POLICY": "PASSIVE"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    stats = json.loads(result.stdout.strip().splitlines()[-1])
+    assert stats.get("fxgraph_cache_hit", 0) >= 1 and stats.get("fxgraph_cache_miss", 0) == 0, stats
 
 
 def test_eager_engine_has_no_compile_phase(tiny_qwen3):
