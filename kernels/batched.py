@@ -15,6 +15,7 @@ import dataclasses
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from kernels.metadata import AttentionMetadata, DecodePlan, plan_decode
 from kernels.reference import _gather_context, attention, causal_mask
@@ -59,15 +60,32 @@ def _decode_attention(
     if sliding_window is not None:
         mask &= positions.unsqueeze(0) > last - sliding_window
     query = q.index_select(0, plan.rows)  # [B, Hq, D]
-    if query.dtype == torch.float32:
-        return attention(query.unsqueeze(2), k, v, mask[:, None, None, :], scale, softcap).squeeze(2)
-    return _grouped_decode_attention(query, k, v, mask, scale, softcap)
+    if softcap is not None:  # SDPA has no soft-capping
+        return _grouped_decode_attention(query, k, v, mask, scale, softcap)
+    return _folded_decode_attention(query, k, v, mask, scale)
+
+
+def _folded_decode_attention(query, k, v, mask, scale: float) -> torch.Tensor:
+    """One query token per sequence through torch's SDPA, the query heads of each KV head folded into
+    query rows of that head: K and V are read once per KV head (no GQA expansion; 5-15% faster than
+    ``enable_gqa`` in float32). torch's CPU flash kernel takes a slow path for a single bfloat16 or
+    float16 query row (3-4x slower than for two), so a lone row is doubled there; per 2 MiB chunk
+    this is 1.6-1.9x faster than the grouped matmuls in bfloat16, and 4-8x faster than SDPA with GQA.
+    query [B, Hq, D]; k, v [B, Hkv, T, D]; mask [B, T] (True = visible) -> [B, Hq, D]."""
+    batch, num_heads, head_dim = query.shape
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    rows = query.view(batch, num_kv_heads, group, head_dim)
+    if group == 1 and query.dtype != torch.float32:
+        rows = rows.expand(batch, num_kv_heads, 2, head_dim)
+    out = F.scaled_dot_product_attention(rows, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    return out[:, :, :group].reshape(batch, num_heads, head_dim)
 
 
 def _grouped_decode_attention(query, k, v, mask, scale: float, softcap: float | None) -> torch.Tensor:
     """One query token per sequence, as two batched matmuls with the query heads of each KV head
-    grouped into rows (no K/V repeat) and the softmax in float32. In bfloat16 this is 4-7x faster
-    than torch's CPU SDPA (its flash kernel) at decode shapes; in float32 SDPA is faster, so it stays.
+    grouped into rows (no K/V repeat) and the softmax in float32: the path with soft-capping, which
+    SDPA lacks (in bfloat16 it is 4-7x faster than SDPA with ``enable_gqa``).
     query [B, Hq, D]; k, v [B, Hkv, T, D]; mask [B, T] (True = visible) -> [B, Hq, D]."""
     batch, num_heads, head_dim = query.shape
     num_kv_heads = k.shape[1]

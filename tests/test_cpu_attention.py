@@ -52,7 +52,7 @@ def test_a_small_decode_batch_is_one_chunk():
 
 
 @pytest.mark.parametrize("lens", [LONG_DECODES, MIXED])
-@pytest.mark.parametrize("heads", [(8, 4), (4, 4)])
+@pytest.mark.parametrize("heads", [(8, 4), (9, 3), (4, 4)])
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("window, softcap", [(None, None), (100, None), (None, 2.0)])
 def test_batched_matches_reference_with_the_steps_kv_in_hand(lens, heads, block_size, window, softcap):
@@ -64,11 +64,12 @@ def test_batched_matches_reference_with_the_steps_kv_in_hand(lens, heads, block_
     torch.testing.assert_close(without_kv, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("heads", [(8, 4), (9, 3), (4, 4)])  # (4, 4): the single query row per KV head, doubled
 @pytest.mark.parametrize("softcap", [None, 2.0])
-def test_batched_in_bfloat16_is_within_bfloat16_rounding_of_the_float32_reference(softcap):
+def test_batched_in_bfloat16_is_within_bfloat16_rounding_of_the_float32_reference(heads, softcap):
     """bfloat16 inputs; the reference computes on them in float32. 2e-2 absolute on outputs of size ~1
     (bfloat16 keeps 8 bits of mantissa, ~4e-3 relative per rounding, a few roundings deep)."""
-    meta, q, k, v, k_cache, v_cache = _step(MIXED, 16, (8, 4), torch.bfloat16)
+    meta, q, k, v, k_cache, v_cache = _step(MIXED, 16, heads, torch.bfloat16)
     want = reference.paged_attention(q.float(), k_cache.float(), v_cache.float(), meta, 0.125, None, softcap)
     got = batched.paged_attention(q, k_cache, v_cache, meta, 0.125, None, softcap, k=k, v=v)
     assert got.dtype == torch.bfloat16
