@@ -187,6 +187,17 @@ def test_bad_compilation_config_is_one_clear_error(value, words):
     assert words in str(raised.value)
 
 
+def test_a_bad_compilation_config_stops_the_server_in_one_line():
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "serve", "-O", '{"level": 3, "mode": 1}'],
+        check=False, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("pagedserve: error: -O/--compilation-config") and "'mode'" in last, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_enforce_eager_turns_compile_off():
     args = EngineArgs(compilation_config=3, enforce_eager=True)
     args.validate()
