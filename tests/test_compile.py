@@ -198,6 +198,15 @@ def test_a_bad_compilation_config_stops_the_server_in_one_line():
     assert "Traceback" not in result.stderr
 
 
+def test_o3_with_the_transformers_backend_is_one_clear_error(tiny_qwen3):
+    """transformers' modeling code stays eager: asked for -O3 it is refused, by default it runs eagerly."""
+    with pytest.raises(ConfigError, match="-O3 compiles native models only"):
+        LLM(str(tiny_qwen3), dtype="float32", max_model_len=64, num_gpu_blocks_override=8, model_impl="transformers",
+            compilation_config=3)
+    llm = LLM(str(tiny_qwen3), dtype="float32", max_model_len=64, num_gpu_blocks_override=8, model_impl="transformers")
+    assert llm.engine.runner.compiled is None
+
+
 def test_enforce_eager_turns_compile_off():
     args = EngineArgs(compilation_config=3, enforce_eager=True)
     args.validate()
