@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.metadata import AttentionMetadata
+from kernels.metadata import AttentionMetadata, plan_decode
 
 SHAPES = {
     # SmolLM2-135M's shapes (HuggingFaceTB/SmolLM2-135M-Instruct's config.json)
@@ -69,6 +69,7 @@ def _step_inputs(batch: int, query: int, context: int, block_size: int = 16):
         seq_lens_cpu=[context] * batch,
         block_size=block_size,
     )
+    meta.decode = plan_decode(meta)  # once per step, as the runner builds it (the batched backend reads it)
     ids = torch.randint(0, 1000, (batch * query,))
     last_rows = torch.arange(query - 1, batch * query, query)
     return ids, positions, meta, last_rows
