@@ -15,7 +15,6 @@ at start-up so that a restart loads the compiled graph instead of compiling it a
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from pathlib import Path
@@ -24,8 +23,6 @@ import torch
 from torch import nn
 
 from kernels.metadata import AttentionMetadata, plan_decode
-
-logger = logging.getLogger(__name__)
 
 CACHE_DIR_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
