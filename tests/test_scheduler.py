@@ -396,7 +396,7 @@ def test_abort_running_mid_prefill():
 
 def test_abort_running_decode_keeps_others():
     sched = make()
-    a, b = req("a", range(6)), req("b", range(6))
+    a, b = req("a", range(6)), req("b", range(10, 16))  # no shared block: b is not held for a's
     sched.add_request(a)
     sched.add_request(b)
     step(sched)
@@ -426,7 +426,7 @@ def test_abort_preempted():
 
 def test_abort_between_schedule_and_update():
     sched = make()
-    a, b = req("a", range(6)), req("b", range(6))
+    a, b = req("a", range(6)), req("b", range(10, 16))  # no shared block: b is not held for a's
     sched.add_request(a)
     sched.add_request(b)
     out, fin = step(sched, abort_before_update=["a"])
@@ -491,7 +491,8 @@ def check_invariants(sched, out, running_before, waiting_before):
     new = [i for i in ids if i not in running_before]
     if out.preempted:
         assert not new, "waiting requests admitted in a step with preemption"
-    assert new == waiting_before[: len(new)], "waiting requests must start in FIFO order"
+    held = [r.request_id for r in sched.held]
+    assert new == [i for i in waiting_before if i not in held][: len(new)], "waiting requests must start in FIFO order"
     for r in out.preempted:
         assert r.status is RequestStatus.PREEMPTED and r.block_ids == [] and r.num_computed_tokens == 0
     for r in sched.waiting:
@@ -521,7 +522,7 @@ def simulate(seed, num_blocks, block_size, budget, max_seqs, caching, queue=None
     runner = FakeRunner(sched.block_pool)
     prefixes = [[rng.randrange(3, 50) for _ in range(rng.randrange(4, 24))] for _ in range(4)]
     all_requests, outputs = [], {}
-    next_id, steps = 0, 0
+    next_id, steps, held_total = 0, 0, 0
     while next_id < num_requests or sched.has_unfinished():
         steps += 1
         assert steps < 20000, "the simulation does not terminate"
@@ -555,6 +556,10 @@ def simulate(seed, num_blocks, block_size, budget, max_seqs, caching, queue=None
         out = sched.schedule()
         assert out.seqs, "no progress although requests are unfinished"
         check_invariants(sched, out, running_before, waiting_before)
+        in_flight = {h for r in sched.running for h in sched.block_pool.pending_block_hashes(r)}
+        for r in sched.held:  # skipped only while a running request is computing one of its blocks
+            assert r in sched.waiting and in_flight.intersection(r.block_hashes)
+        held_total += len(sched.held)
         runner.execute(out)
         sampled = {}
         for s in out.seqs:
@@ -586,7 +591,7 @@ def simulate(seed, num_blocks, block_size, budget, max_seqs, caching, queue=None
             assert 1 <= r.num_output_tokens <= r.max_tokens
     assert not sched.requests
     assert_pool_empty(sched)
-    return sched
+    return sched, held_total
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -605,12 +610,13 @@ def test_random_simulation(seed, num_blocks, block_size, budget, max_seqs, cachi
 
 
 def test_simulation_exercises_preemption_and_cache():
-    preemptions = hits = 0
+    preemptions = hits = held = 0
     for seed in range(4):
-        s = simulate(seed, 24, 4, 32, 8, True)
+        s, num_held = simulate(seed, 24, 4, 32, 8, True)
         preemptions += s.num_preemptions_total
         hits += s.block_pool.prefix_hits
-    assert preemptions > 0 and hits > 0
+        held += num_held
+    assert preemptions > 0 and hits > 0 and held > 0
 
 
 def test_prefix_stats_count_each_start_once():

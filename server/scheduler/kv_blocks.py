@@ -120,6 +120,31 @@ class BlockPool:
             self.record_prefix_query(request, num_tokens)
         return blocks, num_tokens
 
+    def next_uncached_hash(self, request: Request, num_cached: int) -> int | None:
+        """The hash of the block after the ``num_cached`` tokens ``get_computed_blocks`` found, or
+        None when there is none to share (that would be the block holding the last token, or the
+        request does not use the prefix cache)."""
+        if not self._uses_cache(request):
+            return None
+        i = num_cached // self.block_size
+        if i >= (request.num_tokens - 1) // self.block_size:
+            return None
+        return self._hash_blocks(request, i + 1)[i]
+
+    def pending_block_hashes(self, request: Request) -> list[int]:
+        """Hashes of the request's full blocks of known tokens that it has not computed yet.
+
+        While it runs, each is cached by ``cache_full_blocks`` once computed (unless another block
+        already holds that hash). Empty when prefix caching is off.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        first = request.num_computed_tokens // self.block_size
+        last = request.num_tokens // self.block_size
+        if last <= first:
+            return []
+        return self._hash_blocks(request, last)[first:last]
+
     def record_prefix_query(self, request: Request, num_hit_tokens: int) -> None:
         """Count one lookup: ``prefix_queries`` += the request's tokens, ``prefix_hits`` += those found."""
         if self._uses_cache(request):

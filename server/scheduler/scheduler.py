@@ -6,6 +6,12 @@ with their prefill chunked to the budget left. When KV blocks run out a running 
 preempted by recompute: its blocks are freed and it goes back to the queue, to run its prompt and
 the tokens it already generated again (its outputs are kept).
 
+Shared prefixes: a waiting request whose next uncached block is one a running request has yet to
+compute (its prefill, maybe chunked over several steps) is held back until that block is cached,
+then hits it, instead of computing the same prefix again. Held requests are skipped, not waited
+for: the requests behind them still start (vLLM's scheduler stops at the first request it cannot
+schedule; here that is kept only for a request that does not fit in memory).
+
 The policy (`--scheduling-policy`) sets the queue order and the victim: `fcfs` queues by arrival,
 puts a preempted request back at the front and preempts the newest running request; `priority`
 queues by (priority, arrival), lowest first, and preempts the running request that ranks last,
@@ -32,6 +38,7 @@ class Scheduler:
         self.running: list[Request] = []  # the order they started running in; last is newest
         self.requests: dict[str, Request] = {}  # every unfinished request, waiting or running
         self.num_preemptions_total = 0
+        self.held: list[Request] = []  # waiting requests the last schedule() held back for a block in flight
 
     # ---- state -------------------------------------------------------------------------------
 
@@ -134,14 +141,36 @@ class Scheduler:
             i += 1
 
         # Then waiting requests in queue order, unless memory is already short this step.
-        while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting.peek()
+        self.held = []
+        if not out.preempted:
+            self._admit_waiting(out, budget)
+        return out
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        """Start waiting requests in queue order while the budget, max_num_seqs and memory allow.
+
+        A request whose next uncached block is among the blocks a running request has yet to
+        compute (same chained hash) is held back and skipped, so it hits that block once it is
+        cached instead of computing it again; requests behind it still go. It is held only while
+        such a running request exists: once the block is cached it finds it, and if the computing
+        request is preempted or finished first it goes on without. A request that does not fit in
+        memory stops the admission (no skipping past it).
+        """
+        pool = self.block_pool
+        in_flight = {h for r in self.running for h in pool.pending_block_hashes(r)}
+        admitted: list[Request] = []
+        for request in self.waiting:  # not changed in this loop: admitted ones are removed after it
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
             computed_blocks, num_cached = pool.get_computed_blocks(request, record_stats=False)
+            if in_flight and pool.next_uncached_hash(request, num_cached) in in_flight:
+                self.held.append(request)
+                continue
             num_new = min(request.num_tokens - num_cached, budget)
             if not pool.allocate(request, num_cached + num_new, computed_blocks):
-                break  # no skipping: the head of the queue goes first
+                break
             pool.record_prefix_query(request, num_cached)  # counted once it starts, not per attempt
-            self.waiting.pop()
+            admitted.append(request)
             if request.num_preemptions == 0:
                 request.num_cached_tokens = num_cached
             request.num_computed_tokens = num_cached
@@ -149,7 +178,12 @@ class Scheduler:
             self.running.append(request)
             out.seqs.append(ScheduledSeq(request, num_cached, num_new))
             budget -= num_new
-        return out
+            in_flight.update(pool.pending_block_hashes(request))
+        for request in admitted:
+            if self.waiting.peek() is request:
+                self.waiting.pop()
+            else:
+                self.waiting.remove(request)
 
     def _victim_index(self) -> int:
         """Index in `running` of the request to preempt: the newest, or the one that ranks last."""
