@@ -23,6 +23,7 @@ from server.runner.cuda_graphs import (
     DecodeBuffers,
     DecodeGraphs,
 )
+from server.runner.kv_memory import zeroed_cpu_tensor
 from server.runner.models.registry import get_model_class, kv_cache_shape_info
 from server.runner.models.transformers_backend import TransformersForCausalLM
 from server.runner.sampler import build_sampling_batch, gather_logprobs, sample
@@ -264,6 +265,8 @@ class ModelRunner:
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         num_layers, num_kv_heads, head_dim = kv_cache_shape_info(self.hf_config)
         shape = (num_blocks, self.block_size, num_kv_heads, head_dim)
+        if self.device.type == "cpu":  # zero pages from the kernel, resident only once written (kv_memory.py)
+            return [(zeroed_cpu_tensor(shape, self.dtype), zeroed_cpu_tensor(shape, self.dtype)) for _ in range(num_layers)]
         return [
             (
                 torch.zeros(shape, dtype=self.dtype, device=self.device),
