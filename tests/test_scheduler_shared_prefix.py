@@ -279,3 +279,20 @@ def test_engine_same_step_shared_prefix_hits_and_greedy_outputs_unchanged(tmp_pa
         del llm
     assert results[True] == results[False]
     assert all(len(out) == 6 for out in results[True])
+
+
+def test_pool_pending_and_next_uncached_hashes():
+    pool = BlockPool(16, 4)
+    a = req("a", PREFIX[:10])  # blocks 0, 1 full; tokens 8, 9 in a partial block
+    assert pool.pending_block_hashes(a) == pool._hash_blocks(a, 2)
+    a.num_computed_tokens = 5
+    assert pool.pending_block_hashes(a) == a.block_hashes[1:2]
+    a.num_computed_tokens = 8
+    assert pool.pending_block_hashes(a) == []
+    b = req("b", PREFIX[:8])  # block 1 holds the last token: never shared, so never waited for
+    assert pool.next_uncached_hash(b, 0) == a.block_hashes[0]
+    assert pool.next_uncached_hash(b, 4) is None
+    assert pool.next_uncached_hash(req("c", PREFIX[:12]), 4) == a.block_hashes[1]
+    assert pool.next_uncached_hash(req("d", PREFIX[:12], prompt_logprobs=0), 0) is None
+    off = BlockPool(16, 4, enable_prefix_caching=False)
+    assert off.pending_block_hashes(req("e", PREFIX)) == [] and off.next_uncached_hash(req("f", PREFIX), 0) is None
