@@ -153,7 +153,10 @@ class Scheduler:
         compute (same chained hash) is held back and skipped, so it hits that block once it is
         cached instead of computing it again; requests behind it still go. It is held only while
         such a running request exists: once the block is cached it finds it, and if the computing
-        request is preempted or finished first it goes on without. A request that does not fit in
+        request is preempted or finished first it goes on without. In practice that is one step:
+        waiting requests are looked at only when budget is left after every running request got
+        all its remaining tokens, so the blocks in flight are all computed (and cached) in this
+        step, unless their request is aborted before ``update``. A request that does not fit in
         memory stops the admission (no skipping past it).
         """
         pool = self.block_pool
