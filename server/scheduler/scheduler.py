@@ -160,11 +160,13 @@ class Scheduler:
         memory stops the admission (no skipping past it).
         """
         pool = self.block_pool
-        in_flight = {h for r in self.running for h in pool.pending_block_hashes(r)}
+        in_flight: set[int] | None = None  # built on the first request looked at
         admitted: list[Request] = []
         for request in self.waiting:  # not changed in this loop: admitted ones are removed after it
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
+            if in_flight is None:
+                in_flight = {h for r in self.running for h in pool.pending_block_hashes(r)}
             computed_blocks, num_cached = pool.get_computed_blocks(request, record_stats=False)
             if in_flight and pool.next_uncached_hash(request, num_cached) in in_flight:
                 self.held.append(request)
