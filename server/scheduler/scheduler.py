@@ -7,8 +7,8 @@ preempted by recompute: its blocks are freed and it goes back to the queue, to r
 the tokens it already generated again (its outputs are kept).
 
 Shared prefixes: a waiting request whose next uncached block is one a running request has yet to
-compute (its prefill, maybe chunked over several steps) is held back until that block is cached,
-then hits it, instead of computing the same prefix again. Held requests are skipped, not waited
+compute is held back until that block is cached (the end of this step), then hits it, instead of
+computing the same prefix again. Held requests are skipped, not waited
 for: the requests behind them still start (vLLM's scheduler stops at the first request it cannot
 schedule; here that is kept only for a request that does not fit in memory).
 
