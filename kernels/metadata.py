@@ -28,6 +28,8 @@ class AttentionMetadata:
     ``slot_mapping[t]`` is where token t's K/V are written: ``block_id * block_size + offset``.
     ``block_tables[i]`` lists the KV blocks of sequence i, padded with 0. ``decode`` is the step's
     `DecodePlan` where the backend uses one (the runner builds it once per step; None: not built).
+    ``slots_padded`` is False only where the builder knows ``slot_mapping`` holds no -1 (padding),
+    so the KV store can skip looking for one.
     """
 
     slot_mapping: torch.Tensor  # [T] int64
@@ -38,6 +40,7 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     block_size: int
     decode: DecodePlan | None = None
+    slots_padded: bool = True
 
     @property
     def num_seqs(self) -> int:

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from kernels import batched, cpu_linear, reference
+from kernels import batched, cpu_linear, cpu_small_ops, reference
 from kernels.triton.dot_mode import interpreting  # no triton import: safe on CPU
 
 BACKENDS = ("auto", "reference", "batched", "triton")
@@ -23,6 +23,8 @@ class Ops:
     fused_add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     silu_and_mul: Callable[..., torch.Tensor]
     apply_rotary: Callable[..., torch.Tensor]
+    apply_rotary_tables: Callable[..., torch.Tensor]  # with the step's `reference.rotary_tables`
+    store_kvcache_unpadded: Callable[..., None]  # store_kvcache where slot_mapping holds no -1
     backend: str = "reference"
     # Linear layers: `pack_linear(weight)` once after loading (None: keep the plain weight), then
     # `linear(x, packed, bias)` every step.
@@ -32,29 +34,36 @@ class Ops:
 
 def get_ops(device: torch.device, backend: str = "auto", dtype: torch.dtype = torch.float32) -> Ops:
     """The ops for ``device``. ``auto`` picks the fastest backend that runs there; ``reference`` is the
-    plain-torch oracle; ``batched`` batches all decode sequences of a step into one attention call and,
-    on CPU, runs the linear layers on oneDNN-packed weights; ``triton`` (the default on CUDA) stores
+    plain-torch oracle; ``batched`` batches all decode sequences of a step into one attention call, runs
+    the small per-layer ops in fewer torch calls (`kernels.cpu_small_ops`) and, on CPU, runs the linear
+    layers on oneDNN-packed weights; ``triton`` (the default on CUDA) stores
     K/V and attends over the paged cache in place with the kernels of ``kernels.triton``."""
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "batched"
     if backend not in BACKENDS:
         raise ValueError(f"Unknown kernel backend {backend!r} for device {device}. Available: {', '.join(BACKENDS)}")
     store_kvcache, paged_attention = reference.store_kvcache, reference.paged_attention
+    small = reference
+    store_unpadded = reference.store_kvcache
     if backend == "batched":
         paged_attention = batched.paged_attention
+        small, store_unpadded = cpu_small_ops, cpu_small_ops.store_kvcache_unpadded
     elif backend == "triton":
         if device.type != "cuda" and not interpreting():
             raise ValueError("the Triton kernels need a CUDA device (on CPU they run only under TRITON_INTERPRET=1, in tests).")
         from kernels.triton import kv_store, paged_attention as triton_attention  # imports triton: only here
 
         store_kvcache, paged_attention = kv_store.store_kvcache, triton_attention.paged_attention
+        store_unpadded = store_kvcache
     return Ops(
         store_kvcache=store_kvcache,
         paged_attention=paged_attention,
-        rms_norm=reference.rms_norm,
-        fused_add_rms_norm=reference.fused_add_rms_norm,
-        silu_and_mul=reference.silu_and_mul,
+        rms_norm=small.rms_norm,
+        fused_add_rms_norm=small.fused_add_rms_norm,
+        silu_and_mul=small.silu_and_mul,
         apply_rotary=reference.apply_rotary,
+        apply_rotary_tables=small.apply_rotary_tables,
+        store_kvcache_unpadded=store_unpadded,
         backend=backend,
         **(
             {"pack_linear": cpu_linear.pack, "linear": cpu_linear.linear}

@@ -160,3 +160,24 @@ def apply_rotary(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.
         return x * cos + _rotate_half(x) * sin
     x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
     return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+def rotary_tables(
+    positions: torch.Tensor, cos_sin_cache: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's rotary tables ``(cos, sin)``, each [T, 1, R] in ``dtype``, looked up once and shared by
+    every layer (`apply_rotary_tables`). cos covers both halves; sin is ``(-sin, sin)``, so that
+    ``rotate_half(x) * sin_hf == cat(x2, x1) * sin`` exactly (negation is exact)."""
+    cos, sin = cos_sin_cache.index_select(0, positions.long()).chunk(2, dim=-1)
+    cos = torch.cat((cos, cos), dim=-1).unsqueeze(1).to(dtype)
+    sin = torch.cat((-sin, sin), dim=-1).unsqueeze(1).to(dtype)
+    return cos, sin
+
+
+def apply_rotary_tables(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rotary` of x ([T, H, D], any strides) with the step's `rotary_tables`; equal to it bit for bit."""
+    rot_dim = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    rotated = x_rot * cos + torch.cat((x2, x1), dim=-1) * sin
+    return rotated if x_pass.shape[-1] == 0 else torch.cat((rotated, x_pass), dim=-1)

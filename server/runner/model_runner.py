@@ -325,6 +325,7 @@ class ModelRunner:
             query_lens_cpu=step.query_lens,
             seq_lens_cpu=step.seq_lens,
             block_size=self.block_size,
+            slots_padded=False,  # every token of an eager step has its slot
         )
         if self.attention_backend == "batched":  # once per step, shared by every layer
             meta.decode = plan_decode(meta)

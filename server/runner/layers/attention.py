@@ -46,7 +46,8 @@ class Attention(nn.Module):
         if torch.compiler.is_compiling():  # one custom op keeps the compiled forward one graph
             out = attention_op.attend(q, k, v, k_cache, v_cache, meta, self.ops.backend, self.scale, self.sliding_window)
         else:
-            self.ops.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+            store = self.ops.store_kvcache if meta.slots_padded else self.ops.store_kvcache_unpadded
+            store(k, v, k_cache, v_cache, meta.slot_mapping)
             out = self.ops.paged_attention(q, k_cache, v_cache, meta, self.scale, self.sliding_window, k=k, v=v)
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kernels import reference
 from kernels.ops import Ops
 from server.errors import ConfigError
 
@@ -69,6 +70,15 @@ class RotaryEmbedding(nn.Module):
             self.ops.apply_rotary(q, positions, self.cos_sin_cache),
             self.ops.apply_rotary(k, positions, self.cos_sin_cache),
         )
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's ``(cos, sin)`` for `rotate`: looked up once per forward and shared by every layer."""
+        return reference.rotary_tables(positions, self.cos_sin_cache, dtype)
+
+    def rotate(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x [T, H, D] rotated by the step's `tables`; x may be a strided view (q and k as one view of
+        the fused QKV output), the result is a new contiguous tensor."""
+        return self.ops.apply_rotary_tables(x, *tables)
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, max_positions={self.cos_sin_cache.shape[0]}"

@@ -23,6 +23,7 @@ from server.runner.layers.norm import RMSNorm
 from server.runner.layers.rotary import RotaryEmbedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+RopeTables = tuple[torch.Tensor, torch.Tensor]  # the step's (cos, sin) from RotaryEmbedding.tables
 
 
 def head_dim_of(hf_config: Any) -> int:
@@ -83,16 +84,16 @@ class LlamaAttention(nn.Module):
             sliding_window=sliding_window_of(hf_config, layer_idx),
         )
 
-    def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        q, k, v = self.qkv_proj(hidden).split(self.qkv_proj.output_sizes(), dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+    def forward(self, rope: RopeTables, hidden: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        heads = self.qkv_proj(hidden).view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        qk_heads = self.num_heads + self.num_kv_heads
+        v = heads[:, qk_heads:]
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
+            q = self.rotary_emb.rotate(self.q_norm(heads[:, : self.num_heads]), rope)
+            k = self.rotary_emb.rotate(self.k_norm(heads[:, self.num_heads : qk_heads]), rope)
+        else:  # q and k rotated together, as one view of the fused output
+            qk = self.rotary_emb.rotate(heads[:, :qk_heads], rope)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
 
 
@@ -124,7 +125,7 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(
         self,
-        positions: torch.Tensor,
+        rope: RopeTables,
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
         kv_cache: KVCache,
@@ -135,7 +136,7 @@ class LlamaDecoderLayer(nn.Module):
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, meta)
+        hidden = self.self_attn(rope, hidden, kv_cache, meta)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -144,9 +145,9 @@ class LlamaModel(nn.Module):
     def __init__(self, hf_config: Any, opts: DecoderOptions, ops: Ops):
         super().__init__()
         self.embed_tokens = VocabEmbedding(hf_config.vocab_size, hf_config.hidden_size)
-        rotary_emb = RotaryEmbedding(hf_config, head_dim_of(hf_config), ops)
+        self.rotary_emb = RotaryEmbedding(hf_config, head_dim_of(hf_config), ops)  # shared by all layers
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(hf_config, i, opts, rotary_emb, ops) for i in range(hf_config.num_hidden_layers)
+            LlamaDecoderLayer(hf_config, i, opts, self.rotary_emb, ops) for i in range(hf_config.num_hidden_layers)
         )
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, ops)
 
@@ -158,9 +159,10 @@ class LlamaModel(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
+        rope = self.rotary_emb.tables(positions, hidden.dtype)  # once per step, not per layer
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
+            hidden, residual = layer(rope, hidden, residual, kv_cache, meta)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
