@@ -33,6 +33,8 @@ from server.scheduler.output import SchedulerOutput
 logger = logging.getLogger(__name__)
 
 _GiB = 1 << 30
+# vLLM's long-time CPU default (VLLM_CPU_KVCACHE_SPACE=4; 0.32 sizes it from the node's free memory instead).
+# Free at start-up here: pages are resident only once written (kv_memory.py).
 _DEFAULT_CPU_KV_GIB = 4.0
 
 
