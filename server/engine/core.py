@@ -65,13 +65,17 @@ class EngineCore:
         self.model_config = args.model_config(model, path, max_pos, device)
         self.cache_config = args.cache_config()
         self.scheduler_config = args.scheduler_config(self.model_config.max_model_len)
-        self.tokenizer = load_tokenizer(args.tokenizer or path, args.chat_template)
+        # The tokenizer loads on a thread while the weights load: reading a GGUF's vocabulary is seconds of
+        # Python, dequantizing its weights mostly numpy and torch, which release the GIL.
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as pool:
+            tokenizer = pool.submit(load_tokenizer, args.tokenizer or path, args.chat_template)
+            self.runner = ModelRunner(self.model_config, self.cache_config, self.scheduler_config, hf_config)
+            self.tokenizer = tokenizer.result()
         generation_config = load_generation_config(path)
         self.eos_token_ids = eos_token_ids(generation_config, hf_config, self.tokenizer)
         self.sampling_defaults = sampling_defaults(generation_config)
         self.hf_config = hf_config
 
-        self.runner = ModelRunner(self.model_config, self.cache_config, self.scheduler_config, hf_config)
         self.block_pool = BlockPool(self.runner.num_blocks, self.cache_config.block_size, self.cache_config.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.block_pool)
         self._choices: dict[str, _Choice] = {}  # scheduler request id -> choice
