@@ -77,3 +77,30 @@ def test_the_batched_backend_uses_the_small_ops_and_the_reference_backend_its_tw
     fast, ref = get_ops(torch.device("cpu"), "batched"), get_ops(torch.device("cpu"), "reference")
     assert fast.rms_norm is cpu_small_ops.rms_norm and fast.apply_rotary_tables is cpu_small_ops.apply_rotary_tables
     assert ref.rms_norm is reference.rms_norm and ref.store_kvcache_unpadded is reference.store_kvcache
+
+
+def test_rms_norm_with_a_weight_of_another_dtype_equals_reference():
+    x, weight = torch.randn(3, 32).bfloat16(), torch.randn(32) * 0.1 + 1
+    fast, ref = cpu_small_ops.rms_norm(x, weight, 1e-6), reference.rms_norm(x, weight, 1e-6)
+    assert fast.dtype == ref.dtype == torch.float32 and torch.equal(fast, ref)
+
+
+def test_attention_skips_padding_slots_unless_the_step_says_it_has_none():
+    """A padded slot (-1) is skipped by default; a step marked unpadded writes through the fast store."""
+    from kernel_cases import random_step
+
+    from server.runner.layers.attention import Attention
+
+    ops = get_ops(torch.device("cpu"), "batched")
+    attn = Attention(4, 2, 8, 8**-0.5, ops)
+    meta = random_step(0, 4, 8, [(1, 5), (1, 3)])
+    q, k, v = torch.randn(2, 4, 8), torch.randn(2, 2, 8), torch.randn(2, 2, 8)
+    caches = torch.zeros(2, 8, 4, 2, 8).unbind(0)
+    meta.slot_mapping[1] = -1  # a padding row: its K/V go nowhere
+    attn(q, k, v, caches, meta)
+    assert caches[0].flatten(0, 1).abs().sum(-1).sum(-1).nonzero().numel() == 1
+    meta = random_step(0, 4, 8, [(1, 5), (1, 3)])
+    meta.slots_padded = False
+    attn(q, k, v, caches, meta)
+    slots = meta.slot_mapping
+    assert torch.equal(caches[0].flatten(0, 1)[slots], k) and torch.equal(caches[1].flatten(0, 1)[slots], v)
