@@ -248,7 +248,7 @@ def run_engine_process(
         setup_logging()
     inbox: queue.SimpleQueue = queue.SimpleQueue()
     threading.Thread(target=_read_parent, args=(conn, inbox), name="engine-inbox", daemon=True).start()
-    _use_the_cores()
+    threads = _use_the_cores()
     try:
         if core_factory is None:
             from server.engine.core import EngineCore
@@ -262,6 +262,7 @@ def run_engine_process(
         logger.exception("The engine could not start")
         conn.send(EngineStartFailed(f"{type(exc).__name__}: {exc}", user_error=False))
         return
+    logger.info("%s", threads)
     try:
         conn.send(core.info())
         _serve(core, conn, inbox)
@@ -284,16 +285,17 @@ def _read_parent(conn: Connection, inbox: queue.SimpleQueue) -> None:
     os._exit(0)  # the parent is gone (or closed the pipe after a shutdown): nothing is left to serve
 
 
-def _use_the_cores() -> None:
+def _use_the_cores() -> str:
     """Torch's threads and this process's cores as `server.engine.threads` plans them (the API process
-    applies the other half of the same plan, computed from the same affinity mask); logged once."""
+    applies the other half of the same plan, computed from the same affinity mask); returns the plan's
+    description, logged once the engine has started (a start-up error stays one line)."""
     import torch
 
     plan = plan_threads()
     if set(plan.engine_cores) != os.sched_getaffinity(0):
         os.sched_setaffinity(0, plan.engine_cores)
     torch.set_num_threads(plan.engine_threads)
-    logger.info("%s", plan.describe())
+    return plan.describe()
 
 
 def _serve(core, conn: Connection, inbox: queue.SimpleQueue) -> None:
