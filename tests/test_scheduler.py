@@ -638,3 +638,16 @@ def test_prefix_stats_count_each_start_once():
     while c.status is RequestStatus.WAITING:
         step(sched)
     assert (pool.prefix_queries, pool.prefix_hits) == (49, 12)
+
+
+def test_prefill_work_is_a_waiting_request_or_a_running_prompt_not_yet_through():
+    sched = make(budget=8)
+    assert not sched.has_prefill_work()
+    sched.add_request(req("a", range(1, 13)))  # 12 prompt tokens: two chunks of 8 and 4
+    assert sched.has_prefill_work()
+    step(sched)  # first chunk: running, 4 prompt tokens left
+    assert not sched.waiting and sched.has_prefill_work()
+    step(sched)  # rest of the prompt and the first token
+    assert not sched.has_prefill_work()  # decodes only from here
+    sched.add_request(req("b", range(20, 23)))
+    assert sched.has_prefill_work()

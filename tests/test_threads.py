@@ -56,6 +56,16 @@ def test_few_cores_are_shared_by_the_api_and_the_engine():
     assert plan.engine_threads == plan.one_process_threads == 2
     assert plan.engine_cores == plan.api_cores == (2, 5)
     assert f"fewer than {SPLIT_FROM}" in plan.reason
+    # decode-only steps leave the API process a core; steps with prefill work take them all
+    assert plan.threads_for(prefill=False) == 1 and plan.threads_for(prefill=True) == 2
+    assert plan.describe().startswith("Compute threads: 2 (1 for decode-only steps) on cores 2,5")
+
+
+def test_one_core_and_own_cores_decode_on_every_engine_thread():
+    assert plan_threads({0}, None, "").threads_for(prefill=False) == 1
+    plan = plan_threads(set(range(8)), None, "")
+    assert plan.threads_for(prefill=False) == plan.threads_for(prefill=True) == 7
+    assert plan_threads({0, 1}, None, "2").threads_for(prefill=False) == 2  # OMP_NUM_THREADS decides
 
 
 def test_a_quota_below_the_mask_sets_the_count_and_pins_nothing():

@@ -191,6 +191,11 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._awaiting_grammar)
 
+    def has_prefill_work(self) -> bool:
+        """Whether the next step may compute prompt tokens (a waiting request, or a running one not yet
+        through its prompt): such steps are compute-bound, unlike a step of decodes only."""
+        return self.scheduler.has_prefill_work()
+
     def close(self) -> None:
         """Stop what runs beside the loop (the grammar compiler's workers)."""
         if self._grammar_compiler is not None:

@@ -39,7 +39,7 @@ from server.engine.messages import (
     ShutdownEngine,
 )
 from server.engine.router import RequestRouter
-from server.engine.threads import plan_threads
+from server.engine.threads import ThreadPlan, plan_threads
 from server.errors import ConfigError, EngineDead, PagedServeError
 from server.metrics import StepStats
 from server.request import SamplingParams
@@ -248,7 +248,7 @@ def run_engine_process(
         setup_logging()
     inbox: queue.SimpleQueue = queue.SimpleQueue()
     threading.Thread(target=_read_parent, args=(conn, inbox), name="engine-inbox", daemon=True).start()
-    threads = _use_the_cores()
+    plan = _use_the_cores()
     try:
         if core_factory is None:
             from server.engine.core import EngineCore
@@ -262,10 +262,10 @@ def run_engine_process(
         logger.exception("The engine could not start")
         conn.send(EngineStartFailed(f"{type(exc).__name__}: {exc}", user_error=False))
         return
-    logger.info("%s", threads)
+    logger.info("%s", plan.describe())
     try:
         conn.send(core.info())
-        _serve(core, conn, inbox)
+        _serve(core, conn, inbox, plan)
     except Exception as exc:  # the loop must never die silently
         logger.exception("The engine loop died")
         with contextlib.suppress(OSError):
@@ -285,21 +285,24 @@ def _read_parent(conn: Connection, inbox: queue.SimpleQueue) -> None:
     os._exit(0)  # the parent is gone (or closed the pipe after a shutdown): nothing is left to serve
 
 
-def _use_the_cores() -> str:
+def _use_the_cores() -> ThreadPlan:
     """Torch's threads and this process's cores as `server.engine.threads` plans them (the API process
-    applies the other half of the same plan, computed from the same affinity mask); returns the plan's
-    description, logged once the engine has started (a start-up error stays one line)."""
+    applies the other half of the same plan, computed from the same affinity mask); returns the plan,
+    logged once the engine has started (a start-up error stays one line)."""
     import torch
 
     plan = plan_threads()
     if set(plan.engine_cores) != os.sched_getaffinity(0):
         os.sched_setaffinity(0, plan.engine_cores)
     torch.set_num_threads(plan.engine_threads)
-    return plan.describe()
+    return plan
 
 
-def _serve(core, conn: Connection, inbox: queue.SimpleQueue) -> None:
+def _serve(core, conn: Connection, inbox: queue.SimpleQueue, plan: ThreadPlan) -> None:
+    import torch
+
     busy = False
+    threads = plan.engine_threads
     while True:
         messages = [inbox.get()] if not core.has_unfinished() else []
         with contextlib.suppress(queue.Empty):
@@ -319,6 +322,10 @@ def _serve(core, conn: Connection, inbox: queue.SimpleQueue) -> None:
             busy = False
             continue
         busy = True
+        wanted = plan.threads_for(prefill=core.has_prefill_work())
+        if wanted != threads:  # costs well under a microsecond
+            torch.set_num_threads(wanted)
+            threads = wanted
         outputs, stats = core.step()
         conn.send(EngineStep(refused + outputs, stats))
 

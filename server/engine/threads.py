@@ -25,15 +25,24 @@ SPLIT_FROM = 4  # cores at which the API process gets one of its own
 
 @dataclass(frozen=True)
 class ThreadPlan:
-    engine_threads: int
+    engine_threads: int  # steps with prefill work (compute-bound: every thread pays)
     one_process_threads: int  # with the engine on a thread of the API process: every usable core
     engine_cores: tuple[int, ...]  # the engine process's affinity
     api_cores: tuple[int, ...]  # the API process's affinity (the engine's when they share)
     reason: str  # one line for the start-up log
+    # Decode-only steps: one thread fewer where the API process shares the cores. Such a step is
+    # hundreds of tiny parallel regions, and each one waits at its barrier for the thread that the API
+    # process (HTTP, detokenizing, SSE) has just preempted: on 2 cores a 125M model decoded one
+    # stream at 41 ms per token with 2 threads and 24 ms with 1 (docs/benchmarks.md).
+    decode_threads: int = 0  # 0: engine_threads
+
+    def threads_for(self, prefill: bool) -> int:
+        return self.engine_threads if prefill or not self.decode_threads else self.decode_threads
 
     def describe(self) -> str:
+        decode = f" ({self.decode_threads} for decode-only steps)" if self.threads_for(False) != self.engine_threads else ""
         return (
-            f"Compute threads: {self.engine_threads} on cores {_ranges(self.engine_cores)}; API process on "
+            f"Compute threads: {self.engine_threads}{decode} on cores {_ranges(self.engine_cores)}; API process on "
             f"{_ranges(self.api_cores)} ({self.reason})"
         )
 
@@ -83,9 +92,11 @@ def plan_threads(
     why = f"{len(cores)} cores in the affinity mask" + (
         f", cgroup quota {cpu_limit} CPUs" if cpu_limit is not None else ", no cgroup CPU quota"
     )
+    decode = 0
     if count < SPLIT_FROM:
         engine = api = tuple(cores)
         threads = count
+        decode = max(1, count - 1)
         why += f"; fewer than {SPLIT_FROM}: API and engine share them"
     elif limited:  # the quota is CPU time on any core of the mask, not cores of our own: count, don't pin
         engine = api = tuple(cores)
@@ -101,10 +112,11 @@ def plan_threads(
     if omp_num_threads:
         try:
             threads = one_process = max(1, int(omp_num_threads))
+            decode = 0
             why += f"; OMP_NUM_THREADS={omp_num_threads} sets the count"
         except ValueError:
             why += f"; OMP_NUM_THREADS={omp_num_threads!r} is not a number and is ignored"
-    return ThreadPlan(threads, one_process, engine, api, why)
+    return ThreadPlan(threads, one_process, engine, api, why, decode)
 
 
 def _ranges(cores: tuple[int, ...]) -> str:

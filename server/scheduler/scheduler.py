@@ -57,6 +57,10 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def has_prefill_work(self) -> bool:
+        """A waiting request, or a running one whose computed tokens do not yet reach its last token."""
+        return bool(self.waiting) or any(r.num_computed_tokens < r.num_tokens - 1 for r in self.running)
+
     def get_request(self, request_id: str) -> Request | None:
         return self.requests.get(request_id)
 
