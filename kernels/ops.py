@@ -22,7 +22,6 @@ class Ops:
     rms_norm: Callable[..., torch.Tensor]
     fused_add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     silu_and_mul: Callable[..., torch.Tensor]
-    apply_rotary: Callable[..., torch.Tensor]
     apply_rotary_tables: Callable[..., torch.Tensor]  # with the step's `reference.rotary_tables`
     store_kvcache_unpadded: Callable[..., None]  # store_kvcache where slot_mapping holds no -1
     backend: str = "reference"
@@ -61,7 +60,6 @@ def get_ops(device: torch.device, backend: str = "auto", dtype: torch.dtype = to
         rms_norm=small.rms_norm,
         fused_add_rms_norm=small.fused_add_rms_norm,
         silu_and_mul=small.silu_and_mul,
-        apply_rotary=reference.apply_rotary,
         apply_rotary_tables=small.apply_rotary_tables,
         store_kvcache_unpadded=store_unpadded,
         backend=backend,

@@ -50,7 +50,8 @@ def compute_inv_freq(hf_config: Any, head_dim: int, device: torch.device | None 
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotates q and k ([T, H, D]) by their positions; the cache covers ``max_position_embeddings``."""
+    """Rotary tables of a step (`tables`) and the rotation of q and k ([T, H, D]) by them (`rotate`); the cache
+    covers ``max_position_embeddings``."""
 
     def __init__(self, hf_config: Any, head_dim: int, ops: Ops, max_positions: int | None = None):
         super().__init__()
@@ -61,15 +62,9 @@ class RotaryEmbedding(nn.Module):
         t = torch.arange(max_positions, dtype=torch.float32, device=inv_freq.device)
         freqs = t[:, None] * inv_freq[None, :]
         cache = torch.cat((freqs.cos() * attention_scaling, freqs.sin() * attention_scaling), dim=-1)
-        # Built in float32; apply_rotary casts cos/sin to q's dtype, as transformers does.
+        # Built in float32; `tables` casts cos/sin to the activations' dtype, as transformers does.
         self.register_buffer("cos_sin_cache", cache, persistent=False)
         self.rotary_dim = cache.shape[-1]
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return (
-            self.ops.apply_rotary(q, positions, self.cos_sin_cache),
-            self.ops.apply_rotary(k, positions, self.cos_sin_cache),
-        )
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's ``(cos, sin)`` for `rotate`: looked up once per forward and shared by every layer."""
