@@ -61,7 +61,9 @@ def attention(
             prefill=prefill_spans(query_lens, lens),
         )
     meta = AttentionMetadata(slot_mapping, query_start_loc, seq_lens, block_tables, query_lens, lens, block_size, decode)
-    paged_attention = batched.paged_attention if backend == "batched" else reference.paged_attention
+    # "cpu" too takes the batched torch path here: the native kernels are not an argument an op can take
+    # (the compiled forward is opt-in on CPU, and measured slower than the eager one with them).
+    paged_attention = batched.paged_attention if backend in ("batched", "cpu") else reference.paged_attention
     return paged_attention(q, k_cache, v_cache, meta, scale, sliding_window, softcap, k=k, v=v).contiguous()
 
 

@@ -115,6 +115,24 @@ def paged_attention(
     if plan.rows.numel():
         for chunk in _decode_chunks(plan, k_cache):
             out.index_copy_(0, chunk.rows, _decode_attention(q, k_cache, v_cache, chunk, scale, sliding_window, softcap))
+    prefill_attention(out, q, k_cache, v_cache, meta, plan, scale, sliding_window, softcap, k, v)
+    return out
+
+
+def prefill_attention(
+    out: torch.Tensor,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    plan: DecodePlan,
+    scale: float,
+    sliding_window: int | None,
+    softcap: float | None,
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
+) -> None:
+    """The rows of `plan.prefill` into `out`: one attention call per sequence chunk."""
     for i, first, query_len, seq_len in plan.prefill:
         if k is not None and v is not None and query_len == seq_len:  # its K/V are the step's, in hand
             key = k[first : first + query_len].to(k_cache.dtype).transpose(0, 1)
@@ -128,4 +146,3 @@ def paged_attention(
         else:
             o = attention(query, key, value, causal_mask(query_len, seq_len, sliding_window, q.device), scale, softcap)
         out[first : first + query_len] = o.transpose(0, 1)
-    return out

@@ -7,10 +7,11 @@ from typing import Callable
 
 import torch
 
-from kernels import batched, cpu_linear, cpu_small_ops, reference
+from kernels import batched, cpu_attention, cpu_linear, cpu_native, cpu_small_ops, reference
 from kernels.triton.dot_mode import interpreting  # no triton import: safe on CPU
 
-BACKENDS = ("auto", "reference", "batched", "triton")
+BACKENDS = ("auto", "reference", "batched", "cpu", "triton")
+DECODE_PLAN_BACKENDS = ("batched", "cpu")  # read the step's `DecodePlan`, built once per step by the runner
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Ops:
     apply_rotary_tables: Callable[..., torch.Tensor]  # with the step's `reference.rotary_tables`
     store_kvcache_unpadded: Callable[..., None]  # store_kvcache where slot_mapping holds no -1
     backend: str = "reference"
+    fallback_reason: str = ""  # why `auto` did not pick the native CPU kernels (logged at start-up)
     # Linear layers: `pack_linear(weight)` once after loading (None: keep the plain weight), then
     # `linear(x, packed, bias)` every step.
     pack_linear: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -35,18 +37,33 @@ def get_ops(device: torch.device, backend: str = "auto", dtype: torch.dtype = to
     """The ops for ``device``. ``auto`` picks the fastest backend that runs there; ``reference`` is the
     plain-torch oracle; ``batched`` batches all decode sequences of a step into one attention call, runs
     the small per-layer ops in fewer torch calls (`kernels.cpu_small_ops`) and, on CPU, runs the linear
-    layers on oneDNN-packed weights; ``triton`` (the default on CUDA) stores
-    K/V and attends over the paged cache in place with the kernels of ``kernels.triton``."""
+    layers on oneDNN-packed weights; ``cpu`` (the default on CPU where a C compiler builds
+    `kernels.cpu_native`) is ``batched`` with decode attention read from the paged cache in place by the
+    native kernel; ``triton`` (the default on CUDA) stores K/V and attends over the paged cache in place
+    with the kernels of ``kernels.triton``."""
+    native, why_not = None, ""
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "batched"
+        if device.type == "cuda":
+            backend = "triton"
+        else:
+            native, why_not = cpu_native.load()
+            backend = "cpu" if native is not None else "batched"
     if backend not in BACKENDS:
         raise ValueError(f"Unknown kernel backend {backend!r} for device {device}. Available: {', '.join(BACKENDS)}")
     store_kvcache, paged_attention = reference.store_kvcache, reference.paged_attention
     small = reference
     store_unpadded = reference.store_kvcache
-    if backend == "batched":
+    if backend in DECODE_PLAN_BACKENDS:
         paged_attention = batched.paged_attention
         small, store_unpadded = cpu_small_ops, cpu_small_ops.store_kvcache_unpadded
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise ValueError("the cpu backend runs on CPU only")
+        if native is None:
+            native, why_not = cpu_native.load()
+        if native is None:
+            raise ValueError(f"its native kernel is not available: {why_not}")
+        paged_attention = cpu_attention.CpuPagedAttention(native)
     elif backend == "triton":
         if device.type != "cuda" and not interpreting():
             raise ValueError("the Triton kernels need a CUDA device (on CPU they run only under TRITON_INTERPRET=1, in tests).")
@@ -63,9 +80,10 @@ def get_ops(device: torch.device, backend: str = "auto", dtype: torch.dtype = to
         apply_rotary_tables=small.apply_rotary_tables,
         store_kvcache_unpadded=store_unpadded,
         backend=backend,
+        fallback_reason=why_not,
         **(
             {"pack_linear": cpu_linear.pack, "linear": cpu_linear.linear}
-            if backend == "batched" and cpu_linear.available(device, dtype)
+            if backend in DECODE_PLAN_BACKENDS and cpu_linear.available(device, dtype)
             else {}
         ),
     )

@@ -37,8 +37,9 @@ _ENGINE_HELP = {
     "max_model_len": "Prompt plus output tokens at most (default: the model's max_position_embeddings).",
     "seed": "Seed of the sampler for requests without their own seed.",
     "device": "auto, cpu or cuda.",
-    "attention_backend": "Kernels for attention and the KV store: auto (triton on CUDA, batched on CPU), "
-    "reference (plain torch, the oracle), batched (batched torch calls) or triton (Triton kernels; CUDA).",
+    "attention_backend": "Kernels for attention and the KV store: auto (triton on CUDA; on CPU cpu where a C compiler "
+    "is found, else batched), reference (plain torch, the oracle), batched (batched torch calls), cpu (batched with "
+    "a native decode attention kernel built at start-up with the C compiler) or triton (Triton kernels; CUDA).",
     "load_format": "auto or safetensors: read the checkpoint's weights; dummy: random weights from config.json "
     "(for benchmarks: no weight files are downloaded or read).",
     "model_impl": "auto: our native implementation where there is one, else transformers' own modeling code on "

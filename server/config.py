@@ -15,7 +15,7 @@ from typing import ClassVar
 from server.errors import ConfigError
 
 SCHEDULING_POLICIES = ("fcfs", "priority")
-ATTENTION_BACKENDS = ("auto", "reference", "batched", "triton")  # kernels.ops.BACKENDS
+ATTENTION_BACKENDS = ("auto", "reference", "batched", "cpu", "triton")  # kernels.ops.BACKENDS
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 TOOL_CALL_PARSERS = (None, "hermes", "llama3_json")  # server/api/tools/parsers.py
 # --model-impl values -> the canonical name; "vllm" is vLLM's name for its own (native) models.

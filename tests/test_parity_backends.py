@@ -1,7 +1,7 @@
 """Greedy parity with transformers for every attention backend (`--attention-backend`), with
 preemption, prefix-cache hits, chunked prefill, GQA and a sliding window in play.
 
-The default backend of this machine runs the full matrix in test_parity.py; here the others run a
+The default backend of this machine (cpu where a C compiler is found) runs the full matrix in test_parity.py; here the others run a
 smaller one. On CPU the Triton kernels run under Triton's interpreter (see conftest.py), which is
 slow, hence the few prompts and tokens.
 """
@@ -25,7 +25,7 @@ def arch(request, tmp_path_factory):
     return request.param, path
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "batched", "triton"])
 def test_greedy_parity_with_every_attention_backend(arch, backend):
     if backend == "triton":
         pytest.importorskip("triton", reason="triton is a test dependency: pip install -e '.[test]'")

@@ -86,7 +86,7 @@ def profile_offline(ns: argparse.Namespace) -> dict[str, Any]:
     if ns.threads:
         torch.set_num_threads(ns.threads)
     llm = LLM(ns.model, dtype=ns.dtype, max_model_len=ns.max_model_len, kv_cache_memory=ns.kv_cache_memory,
-              max_num_seqs=ns.max_num_seqs)
+              max_num_seqs=ns.max_num_seqs, attention_backend=ns.attention_backend)
     spec = WorkloadSpec(dataset="random", num_prompts=ns.num_prompts, input_len=ns.input_len, output_len=ns.output_len,
                         seed=ns.seed)
     requests = build_workload(spec, llm.get_tokenizer())
@@ -122,7 +122,7 @@ def format_offline_profile(p: dict[str, Any]) -> str:
 # ---- py-spy on a live server --------------------------------------------------------------
 
 CATEGORIES = (  # in priority order: a stack belongs to the first part any of its frames names
-    ("attention kernel", ("paged_attention", "kernels/batched.py")),
+    ("attention kernel", ("paged_attention", "kernels/batched.py", "kernels/cpu_attention.py", "kernels/cpu_native.py")),
     ("model forward", ("server/runner/models/", "server/runner/layers/", "kernels/", "torch/nn/")),
     ("sampling", ("server/runner/sampler.py",)),
     ("runner: build inputs", ("_prepare",)),
@@ -193,6 +193,7 @@ def register(sub) -> None:
     off.add_argument("--input-len", type=int, default=128)
     off.add_argument("--output-len", type=int, default=64)
     off.add_argument("--threads", type=int, default=None)
+    off.add_argument("--attention-backend", default="auto", help="As `pagedserve serve --attention-backend`.")
     off.add_argument("--seed", type=int, default=0)
     off.set_defaults(func=guarded(lambda ns: _print(format_offline_profile(profile_offline(ns)))))
     srv = kinds.add_parser("server", help="py-spy record on a running server; stacks sorted into parts.")

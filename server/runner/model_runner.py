@@ -11,7 +11,7 @@ from itertools import accumulate
 import torch
 
 from kernels.metadata import AttentionMetadata, plan_decode
-from kernels.ops import get_ops
+from kernels.ops import DECODE_PLAN_BACKENDS, get_ops
 from server.config import CacheConfig, ModelConfig, SchedulerConfig
 from server.errors import ConfigError
 from server.request import Request, TokenLogprob
@@ -105,6 +105,8 @@ class ModelRunner:
                 self.model, model_config.path, self.dtype, hf_config, loader.progress_bars(model_config.use_tqdm_on_load)
             )
         self.attention_backend = ops.backend
+        if ops.fallback_reason:
+            logger.info("Attention backend %s: the native CPU kernel is not in use (%s)", ops.backend, ops.fallback_reason)
         compile_level = self._compilation_level(model_class is not TransformersForCausalLM)
         # Inductor cannot lower oneDNN's opaque packed weights: the compiled forward gets plain ones.
         if ops.pack_linear is not None and not model_config.enforce_eager and compile_level == 0:
@@ -168,7 +170,7 @@ class ModelRunner:
         sched = self.scheduler_config
         calls = self.compiled.warm_up(
             [1, sched.max_num_seqs], sched.max_num_batched_tokens, self.kv_caches, self.block_size,
-            with_decode_plan=self.attention_backend == "batched",
+            with_decode_plan=self.attention_backend in DECODE_PLAN_BACKENDS,
         )
         self.times.compile_s, self.times.warmup_s = calls[0], sum(calls[1:])
         logger.info(
@@ -329,7 +331,7 @@ class ModelRunner:
             block_size=self.block_size,
             slots_padded=False,  # every token of an eager step has its slot
         )
-        if self.attention_backend == "batched":  # once per step, shared by every layer
+        if self.attention_backend in DECODE_PLAN_BACKENDS:  # once per step, shared by every layer
             meta.decode = plan_decode(meta)
         return to_device(step.input_ids, torch.long, dev), to_device(step.positions, torch.long, dev), meta
 
