@@ -140,9 +140,12 @@ def prefill_attention(
         else:
             key = _gather_context(k_cache, meta.block_tables[i], seq_len).transpose(0, 1)
             value = _gather_context(v_cache, meta.block_tables[i], seq_len).transpose(0, 1)
-        query = q[first : first + query_len].transpose(0, 1)
+        # A leading batch dim of 1: torch's CPU flash kernel takes only 4-D inputs (3-D ones, or GQA in 3-D,
+        # fall to the unfused math path: 1.4x slower at 128 tokens, 2.3-3x at 512, in bfloat16)
+        query = q[first : first + query_len].transpose(0, 1)[None]
+        key, value = key[None], value[None]
         if query_len == seq_len and sliding_window is None:
             o = attention(query, key, value, None, scale, softcap, is_causal=True)
         else:
             o = attention(query, key, value, causal_mask(query_len, seq_len, sliding_window, q.device), scale, softcap)
-        out[first : first + query_len] = o.transpose(0, 1)
+        out[first : first + query_len] = o[0].transpose(0, 1)
