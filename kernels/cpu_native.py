@@ -21,12 +21,32 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "native" / "decode_attention.c"
+from kernels import cpu_small_ops
+
+SOURCES = tuple(
+    Path(__file__).parent / "native" / name
+    for name in ("decode_attention.c", "small_ops.c")
+)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 BUILD_TIMEOUT_S = 120
 _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 _DECODE_ARGS = [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr]
 _DECODE_ARGS += [_i64] * 5 + [_f32, _i64, _f32, ctypes.c_int, ctypes.c_int]
+_NORM_ARGS = [
+    _ptr,
+    _ptr,
+    _i64,
+    _ptr,
+    _ptr,
+    _i64,
+    _ptr,
+    _i64,
+    _i64,
+    _f32,
+    ctypes.c_int,
+    ctypes.c_int,
+]
+_SILU_ARGS = [_ptr, _ptr, _i64, _i64, _i64, ctypes.c_int, ctypes.c_int]
 
 
 @dataclass(frozen=True)
@@ -65,6 +85,68 @@ class NativeKernels:
                 "the native decode attention kernel could not allocate its scratch memory"
             )
 
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        """`kernels.reference.rms_norm` in one pass (`cpu_small_ops` where the tensors do not fit)."""
+        rows = _rows(x, weight)
+        if rows is None:
+            return cpu_small_ops.rms_norm(x, weight, eps)
+        out = torch.empty(x.shape, dtype=x.dtype)
+        self.library.pagedserve_rms_norm(
+            out.data_ptr(), rows.data_ptr(), rows.stride(0), None, None, 0, weight.data_ptr(),
+            rows.shape[0], rows.shape[1], eps, int(x.dtype == torch.bfloat16), torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+    def fused_add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`kernels.reference.fused_add_rms_norm` in one pass: (norm of x + residual, x + residual)."""
+        rows, residual_rows = _rows(x, weight), _rows(residual, weight)
+        if rows is None or residual_rows is None or x.shape != residual.shape:
+            return cpu_small_ops.fused_add_rms_norm(x, residual, weight, eps)
+        out, summed = (
+            torch.empty(x.shape, dtype=x.dtype),
+            torch.empty(x.shape, dtype=x.dtype),
+        )
+        self.library.pagedserve_rms_norm(
+            out.data_ptr(), rows.data_ptr(), rows.stride(0), summed.data_ptr(), residual_rows.data_ptr(),
+            residual_rows.stride(0), weight.data_ptr(), rows.shape[0], rows.shape[1], eps,
+            int(x.dtype == torch.bfloat16), torch.get_num_threads(),
+        )  # fmt: skip
+        return out, summed
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """`kernels.reference.silu_and_mul` in one pass: [..., 2I] -> [..., I]."""
+        rows = _rows(x, x)
+        if rows is None:
+            return cpu_small_ops.silu_and_mul(x)
+        half = x.shape[-1] // 2
+        out = torch.empty((*x.shape[:-1], half), dtype=x.dtype)
+        self.library.pagedserve_silu_and_mul(
+            out.data_ptr(), rows.data_ptr(), rows.stride(0), rows.shape[0], half,
+            int(x.dtype == torch.bfloat16), torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+
+def _rows(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor | None:
+    """x as [rows, last dim] with contiguous rows (a view), or None where the native ops do not take it."""
+    if (
+        torch.compiler.is_compiling()
+    ):  # a compiled graph cannot trace a ctypes call: the torch twins there
+        return None
+    if (
+        x.device.type != "cpu"
+        or x.dtype not in (torch.float32, torch.bfloat16)
+        or like.dtype != x.dtype
+    ):
+        return None
+    if x.dim() == 2 and x.stride(1) == 1:
+        return x
+    return x.view(-1, x.shape[-1]) if x.is_contiguous() and x.dim() > 0 else None
+
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether `NativeKernels.decode_attention` takes these tensors (else the caller's torch path)."""
@@ -91,14 +173,22 @@ def load() -> tuple[NativeKernels | None, str]:
             timeout=30,
             check=False,
         ).stdout
-        path = _cache_dir() / f"decode_attention-{_key(compiler, version)}.so"
+        path = _cache_dir() / f"pagedserve_cpu-{_key(compiler, version)}.so"
         if not path.exists():
             _build(compiler, path)
         library = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
-        return None, f"building or loading {SOURCE.name} failed: {exc}"
-    library.pagedserve_decode_attention.argtypes = _DECODE_ARGS
-    library.pagedserve_decode_attention.restype = ctypes.c_int
+        return (
+            None,
+            f"building or loading {', '.join(source.name for source in SOURCES)} failed: {exc}",
+        )
+    for name, argtypes in (
+        ("pagedserve_decode_attention", _DECODE_ARGS),
+        ("pagedserve_rms_norm", _NORM_ARGS),
+        ("pagedserve_silu_and_mul", _SILU_ARGS),
+    ):
+        getattr(library, name).argtypes = argtypes
+        getattr(library, name).restype = ctypes.c_int
     return NativeKernels(library, path), ""
 
 
@@ -110,7 +200,7 @@ def _compiler() -> str | None:
 
 
 def _key(compiler: str, version: str) -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES))
     for part in (compiler, version, " ".join(FLAGS), _cpu_flags()):
         digest.update(part.encode())
     return digest.hexdigest()[:16]
@@ -149,7 +239,7 @@ def _build(compiler: str, path: Path) -> None:
     os.close(fd)
     try:
         result = subprocess.run(
-            [compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"],
+            [compiler, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"],
             capture_output=True,
             text=True,
             timeout=BUILD_TIMEOUT_S,

@@ -51,11 +51,12 @@ def get_ops(device: torch.device, backend: str = "auto", dtype: torch.dtype = to
     if backend not in BACKENDS:
         raise ValueError(f"Unknown kernel backend {backend!r} for device {device}. Available: {', '.join(BACKENDS)}")
     store_kvcache, paged_attention = reference.store_kvcache, reference.paged_attention
-    small = reference
+    small = rotary = reference
     store_unpadded = reference.store_kvcache
     if backend in DECODE_PLAN_BACKENDS:
         paged_attention = batched.paged_attention
-        small, store_unpadded = cpu_small_ops, cpu_small_ops.store_kvcache_unpadded
+        small = rotary = cpu_small_ops
+        store_unpadded = cpu_small_ops.store_kvcache_unpadded
     if backend == "cpu":
         if device.type != "cpu":
             raise ValueError("the cpu backend runs on CPU only")
@@ -64,6 +65,7 @@ def get_ops(device: torch.device, backend: str = "auto", dtype: torch.dtype = to
         if native is None:
             raise ValueError(f"its native kernel is not available: {why_not}")
         paged_attention = cpu_attention.CpuPagedAttention(native)
+        small = native  # rms_norm, fused_add_rms_norm, silu_and_mul in one pass each (rotary stays torch's)
     elif backend == "triton":
         if device.type != "cuda" and not interpreting():
             raise ValueError("the Triton kernels need a CUDA device (on CPU they run only under TRITON_INTERPRET=1, in tests).")
@@ -77,7 +79,7 @@ def get_ops(device: torch.device, backend: str = "auto", dtype: torch.dtype = to
         rms_norm=small.rms_norm,
         fused_add_rms_norm=small.fused_add_rms_norm,
         silu_and_mul=small.silu_and_mul,
-        apply_rotary_tables=small.apply_rotary_tables,
+        apply_rotary_tables=rotary.apply_rotary_tables,
         store_kvcache_unpadded=store_unpadded,
         backend=backend,
         fallback_reason=why_not,

@@ -147,3 +147,60 @@ def test_a_failing_build_is_reported_not_raised_injected(monkeypatch, tmp_path):
     assert not list(
         (tmp_path / "pagedserve" / "kernels").glob("*.so")
     )  # no half-written library left
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("rows, hidden", [(1, 576), (32, 768), (7, 100)])
+def test_native_small_ops_match_their_twins(native, dtype, tol, rows, hidden):
+    """One pass each against `kernels.reference`; in bfloat16 within a rounding of the twin (both round the
+    same intermediate values; the row sums and exp differ in their last float32 bits)."""
+    gen = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, hidden, generator=gen) * 3).to(dtype)
+    residual = torch.randn(rows, hidden, generator=gen).to(dtype)
+    weight = (1 + torch.randn(hidden, generator=gen) / 4).to(dtype)
+    torch.testing.assert_close(
+        native.rms_norm(x, weight, 1e-6),
+        reference.rms_norm(x, weight, 1e-6),
+        atol=tol,
+        rtol=tol,
+    )
+    normed, summed = native.fused_add_rms_norm(x, residual, weight, 1e-6)
+    want_normed, want_summed = reference.fused_add_rms_norm(x, residual, weight, 1e-6)
+    assert torch.equal(summed, want_summed)  # one rounded add
+    torch.testing.assert_close(normed, want_normed, atol=tol, rtol=tol)
+    gate_up = (torch.randn(rows, 2 * hidden, generator=gen) * 4).to(dtype)
+    torch.testing.assert_close(
+        native.silu_and_mul(gate_up),
+        reference.silu_and_mul(gate_up),
+        atol=tol,
+        rtol=tol,
+    )
+
+
+def test_native_small_ops_take_strided_rows_and_leave_other_layouts_to_torch(native):
+    gen = torch.Generator().manual_seed(3)
+    wide = torch.randn(5, 3 * 64, generator=gen)
+    gate_up = wide[:, :128]  # rows further apart than their length
+    torch.testing.assert_close(
+        native.silu_and_mul(gate_up),
+        reference.silu_and_mul(gate_up),
+        atol=1e-6,
+        rtol=1e-6,
+    )
+    heads = torch.randn(
+        5, 4, 64, generator=gen
+    )  # a per-head norm (Qwen3's q_norm) over contiguous heads
+    weight = torch.rand(64, generator=gen)
+    torch.testing.assert_close(
+        native.rms_norm(heads, weight, 1e-6), reference.rms_norm(heads, weight, 1e-6)
+    )
+    strided = heads.transpose(0, 1)  # neither 2-D nor contiguous: the torch twin
+    torch.testing.assert_close(
+        native.rms_norm(strided, weight, 1e-6),
+        reference.rms_norm(strided, weight, 1e-6),
+    )
+    half = torch.randn(5, 64, dtype=torch.float16)
+    torch.testing.assert_close(
+        native.rms_norm(half, weight.half(), 1e-6),
+        reference.rms_norm(half, weight.half(), 1e-6),
+    )
