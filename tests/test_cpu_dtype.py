@@ -128,8 +128,8 @@ class _Config:
         self.dtype = dtype
 
 
-@pytest.mark.parametrize("checkpoint", [torch.bfloat16, "float16", None])
-def test_auto_on_cpu_is_bfloat16_for_a_half_precision_checkpoint_where_the_cpu_has_native_bfloat16(checkpoint, caplog):
+@pytest.mark.parametrize("checkpoint", [torch.bfloat16, "float16", None, torch.float32])
+def test_auto_on_cpu_is_bfloat16_where_the_cpu_has_native_bfloat16(checkpoint, caplog):
     with caplog.at_level(logging.INFO, logger="server.runner.loader"):
         assert resolve_dtype("auto", _Config(checkpoint), "cpu", native_bf16=lambda: True) == torch.bfloat16
     assert "--dtype auto: bfloat16 on CPU" in caplog.text and "native bfloat16" in caplog.text
@@ -141,13 +141,11 @@ def test_auto_on_cpu_is_float32_without_native_bfloat16_injected_fault(caplog):
     assert "--dtype auto: float32 on CPU (the CPU has no native bfloat16" in caplog.text
 
 
-def test_auto_on_cpu_keeps_a_float32_checkpoint_in_float32(caplog):
-    def never_asked() -> bool:
-        raise AssertionError("a float32 checkpoint needs no CPU check")
-
+def test_auto_on_cpu_says_how_to_keep_a_float32_checkpoint_in_float32(caplog):
     with caplog.at_level(logging.INFO, logger="server.runner.loader"):
-        assert resolve_dtype("auto", _Config(torch.float32), "cpu", native_bf16=never_asked) == torch.float32
-    assert "float32 on CPU (the checkpoint is float32)" in caplog.text
+        assert resolve_dtype("auto", _Config(torch.float32), "cpu", native_bf16=lambda: True) == torch.bfloat16
+    assert "the checkpoint is float32 and the CPU has native bfloat16; --dtype float32 keeps it" in caplog.text
+    assert resolve_dtype("auto", _Config(torch.float32), "cpu", native_bf16=lambda: False) == torch.float32
 
 
 def test_a_named_dtype_and_accelerators_ignore_the_cpu_check():
