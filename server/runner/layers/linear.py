@@ -39,7 +39,7 @@ class _Linear(nn.Module):
             self.bias.weight_loader = default_weight_loader
         else:
             self.register_parameter("bias", None)
-        self.packed: torch.Tensor | None = None  # set by pack() after loading, on backends that pack
+        self.packed: object | None = None  # the backend's packed weight, set by pack() after loading
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
