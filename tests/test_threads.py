@@ -11,7 +11,7 @@ import pytest
 from server.config import EngineArgs
 from server.demo import ensure_demo_model
 from server.engine.process import ProcessEngineClient
-from server.engine.threads import SPLIT_FROM, cgroup_cpu_limit, plan_threads
+from server.engine.threads import DECODE_ALL_FROM, SPLIT_FROM, ThreadPlan, cgroup_cpu_limit, plan_threads
 
 
 def _write(path, text: str):
@@ -56,16 +56,29 @@ def test_few_cores_are_shared_by_the_api_and_the_engine():
     assert plan.engine_threads == plan.one_process_threads == 2
     assert plan.engine_cores == plan.api_cores == (2, 5)
     assert f"fewer than {SPLIT_FROM}" in plan.reason
-    # decode-only steps leave the API process a core; steps with prefill work take them all
-    assert plan.threads_for(prefill=False) == 1 and plan.threads_for(prefill=True) == 2
-    assert plan.describe().startswith("Compute threads: 2 (1 for decode-only steps) on cores 2,5")
+    # small decode-only steps leave the API process a core; prefill work and wide decode steps take them all
+    assert plan.threads_for(prefill=False, decode_batch=1) == 1 and plan.threads_for(prefill=True, decode_batch=1) == 2
+    assert plan.threads_for(prefill=False, decode_batch=DECODE_ALL_FROM) == 2
+    assert plan.describe().startswith(
+        f"Compute threads: 2 (1 for decode-only steps of fewer than {DECODE_ALL_FROM} sequences) on cores 2,5"
+    )
 
 
 def test_one_core_and_own_cores_decode_on_every_engine_thread():
-    assert plan_threads({0}, None, "").threads_for(prefill=False) == 1
+    assert plan_threads({0}, None, "").threads_for(prefill=False, decode_batch=1) == 1
     plan = plan_threads(set(range(8)), None, "")
-    assert plan.threads_for(prefill=False) == plan.threads_for(prefill=True) == 7
-    assert plan_threads({0, 1}, None, "2").threads_for(prefill=False) == 2  # OMP_NUM_THREADS decides
+    assert plan.threads_for(prefill=False, decode_batch=1) == plan.threads_for(prefill=True, decode_batch=1) == 7
+    assert plan_threads({0, 1}, None, "2").threads_for(prefill=False, decode_batch=1) == 2  # OMP_NUM_THREADS decides
+    assert "decode-only" not in plan.describe() and "decode-only" not in plan_threads({0}, None, "").describe()
+
+
+@pytest.mark.parametrize(
+    ("prefill", "decode_batch", "threads"),
+    [(False, 1, 2), (False, 15, 2), (False, 16, 4), (False, 64, 4), (True, 1, 4), (True, 15, 4)],
+)
+def test_decode_only_steps_take_every_thread_from_the_threshold_batch(prefill, decode_batch, threads):
+    plan = ThreadPlan(4, 4, (0, 1, 2, 3), (0, 1, 2, 3), "test", decode_threads=2, decode_all_from=16)
+    assert plan.threads_for(prefill=prefill, decode_batch=decode_batch) == threads
 
 
 def test_a_quota_below_the_mask_sets_the_count_and_pins_nothing():

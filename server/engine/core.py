@@ -196,6 +196,10 @@ class EngineCore:
         through its prompt): such steps are compute-bound, unlike a step of decodes only."""
         return self.scheduler.has_prefill_work()
 
+    def num_running(self) -> int:
+        """Requests running: on a step without prefill work, the number of sequences it decodes."""
+        return self.scheduler.num_running
+
     def close(self) -> None:
         """Stop what runs beside the loop (the grammar compiler's workers)."""
         if self._grammar_compiler is not None:

@@ -322,7 +322,7 @@ def _serve(core, conn: Connection, inbox: queue.SimpleQueue, plan: ThreadPlan) -
             busy = False
             continue
         busy = True
-        wanted = plan.threads_for(prefill=core.has_prefill_work())
+        wanted = plan.threads_for(prefill=core.has_prefill_work(), decode_batch=core.num_running())
         if wanted != threads:  # costs well under a microsecond
             torch.set_num_threads(wanted)
             threads = wanted

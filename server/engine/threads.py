@@ -21,6 +21,7 @@ from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 SPLIT_FROM = 4  # cores at which the API process gets one of its own
+DECODE_ALL_FROM = 16  # decode batch at which decode-only steps use every thread again (see ThreadPlan)
 
 
 @dataclass(frozen=True)
@@ -30,17 +31,28 @@ class ThreadPlan:
     engine_cores: tuple[int, ...]  # the engine process's affinity
     api_cores: tuple[int, ...]  # the API process's affinity (the engine's when they share)
     reason: str  # one line for the start-up log
-    # Decode-only steps: one thread fewer where the API process shares the cores. Such a step is
-    # hundreds of tiny parallel regions, and each one waits at its barrier for the thread that the API
-    # process (HTTP, detokenizing, SSE) has just preempted: on 2 cores a 125M model decoded one
-    # stream at 41 ms per token with 2 threads and 24 ms with 1 (docs/benchmarks.md).
+    # Decode-only steps of fewer than `decode_all_from` sequences: one thread fewer where the API process
+    # shares the cores. A small decode step is hundreds of tiny parallel regions, and each one waits at its
+    # barrier for the thread that the API process (HTTP, detokenizing, SSE) has just preempted: on 2 cores
+    # a 125M model decoded one stream at 41 ms per token with 2 threads and 24 ms with 1 (docs/benchmarks.md).
+    # From `DECODE_ALL_FROM` sequences the step's GEMMs are wide enough for every thread to pay: decode
+    # steps of the bfloat16 125M Llama served on 2 cores (2026-12-02, native decode attention), 1 and 2
+    # threads alternating step by step in one run (load 0.9-1.5), took 2/1 = 0.93-0.99 of the time at 1-8
+    # sequences, 0.84 at 16 and 0.80 at 32. With others' processes busy on the cores (load 1.5-2.4) 2
+    # threads gained nothing at any batch (1.03-1.06), so the rule stays one threshold, not a finer curve.
     decode_threads: int = 0  # 0: engine_threads
+    decode_all_from: int = 0  # decode batch from which decode-only steps take engine_threads too
 
-    def threads_for(self, prefill: bool) -> int:
-        return self.engine_threads if prefill or not self.decode_threads else self.decode_threads
+    def threads_for(self, prefill: bool, decode_batch: int) -> int:
+        """Threads for the next step: all for prefill work or `decode_all_from` decoding sequences and up."""
+        if prefill or not self.decode_threads or decode_batch >= self.decode_all_from:
+            return self.engine_threads
+        return self.decode_threads
 
     def describe(self) -> str:
-        decode = f" ({self.decode_threads} for decode-only steps)" if self.threads_for(False) != self.engine_threads else ""
+        decode = ""
+        if self.decode_threads and self.decode_threads != self.engine_threads:
+            decode = f" ({self.decode_threads} for decode-only steps of fewer than {self.decode_all_from} sequences)"
         return (
             f"Compute threads: {self.engine_threads}{decode} on cores {_ranges(self.engine_cores)}; API process on "
             f"{_ranges(self.api_cores)} ({self.reason})"
@@ -116,7 +128,7 @@ def plan_threads(
             why += f"; OMP_NUM_THREADS={omp_num_threads} sets the count"
         except ValueError:
             why += f"; OMP_NUM_THREADS={omp_num_threads!r} is not a number and is ignored"
-    return ThreadPlan(threads, one_process, engine, api, why, decode)
+    return ThreadPlan(threads, one_process, engine, api, why, decode, DECODE_ALL_FROM)
 
 
 def _ranges(cores: tuple[int, ...]) -> str:
