@@ -40,6 +40,9 @@ class ThreadPlan:
     # threads alternating step by step in one run (load 0.9-1.5), took 2/1 = 0.93-0.99 of the time at 1-8
     # sequences, 0.84 at 16 and 0.80 at 32. With others' processes busy on the cores (load 1.5-2.4) 2
     # threads gained nothing at any batch (1.03-1.06), so the rule stays one threshold, not a finer curve.
+    # End to end (bench compare, 128 in / 128 out, two A/B rounds, load 1.6-2.9) against decoding every
+    # batch on 1 thread: TPOT p50 at concurrency 16 40-43 ms against 46-49, at 32 75-77 against 78-87;
+    # output tok/s 316 against 274 in one round and even (337 / 342) in the other (±15 % run to run here).
     decode_threads: int = 0  # 0: engine_threads
     decode_all_from: int = 0  # decode batch from which decode-only steps take engine_threads too
 
